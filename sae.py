@@ -1,0 +1,491 @@
+"""
+A sparse autoencoder (SAE) for a language model's residual stream, trained the
+way the February 2024 GPT-2-small residual-stream SAEs were, with their known
+mistakes fixed.
+
+    f(x)  = ReLU((x - b_dec) @ W_enc + b_enc)      # feature activations [batch, d_sae]
+    x_hat = f(x) @ W_dec + b_dec                   # reconstruction      [batch, d_in]
+
+    loss  = MSE(x_hat, x) + l1_coeff * sum_i f_i(x) + ghost loss (dead features only)
+
+This file holds, in the order they depend on each other:
+  Config            the hyperparameters, defaults = the post's recipe
+  geometric_median  Weiszfeld's algorithm, used to initialise b_dec
+  SAE               the model, its loss, the unit-norm decoder, save / load
+  ghost_grad_loss   ghost gradients (Anthropic, Jan 2024), with exp(h) not exp(relu(h))
+  token contexts, activations and the shuffling ActivationBuffer
+  evaluation        explained variance, L0, CE loss recovered, feature density
+
+References
+  - Joseph Bloom, "Open Source Sparse Autoencoders for all Residual Stream Layers
+    of GPT2-Small", LessWrong / AF, Feb 2024 (the recipe reproduced here).
+  - Bricken et al., "Towards Monosemanticity", Anthropic 2023 (the SAE, tied b_dec).
+  - Anthropic circuits updates, Jan 2024 (ghost grads) and Apr 2024 (W_enc init).
+  - ../shared/METHOD.md of this project states every formula used below.
+
+Importing this file has no side effects. To train: `python train.py 2`.
+"""
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, fields
+from typing import Iterable, Iterator, NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+# -----------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class Config:
+    # what to train on
+    model: str = "gpt2"                        # TransformerLens name ("gpt2"), or "smollm2-135m" (offline)
+    dataset: str = "Skylion007/openwebtext"    # Hugging Face hub dataset, or a local text file / folder
+    layer: int = 2                             # hook blocks.{layer}.hook_resid_pre; set by `train.py LAYER`
+    context_size: int = 128                    # tokens per context (BOS included)
+    exclude_bos: bool = True                   # leave BOS rows out of the buffer (the release kept them)
+    # the SAE
+    expansion: int = 32                        # d_sae = expansion * d_in: 24,576 for GPT-2 small
+    l1_coeff: float = 8e-5                     # the post; matches the MSE normalisation in SAE.forward
+    b_dec_init: str = "geometric_median"       # geometric_median | mean | zeros
+    ghost_grads: bool = True                   # Anthropic's ghost gradients for dead features
+    dead_window: int = 5000                    # steps without firing before a feature counts as dead
+    # optimisation
+    lr: float = 4e-4                           # Adam, constant after warmup
+    warmup_steps: int = 5000                   # linear LR warmup from ~0 (the post: 5000)
+    batch_size: int = 4096                     # tokens (activations) per SAE step
+    total_tokens: int = 300_000_000            # the post: 300M OpenWebText tokens
+    seed: int = 0                              # SAE init and buffer shuffling
+    # the activation buffer
+    buffer_contexts: int = 4096                # 4096 x 127 non-BOS tokens = ~520k activations
+    model_batch: int = 32                      # contexts per language-model forward pass
+    # evaluation
+    eval_every: int = 2000                     # steps between evaluation lines
+    eval_contexts: int = 64                    # held-out contexts for EV, L0 and CE (never trained on)
+    density_tokens: int = 1_000_000            # feature density measured over at least this many tokens
+    out_dir: str = "runs"                      # run folders are written under here
+    d_in: int = 768                            # residual width; train.py sets it from the model
+
+    @property
+    def d_sae(self) -> int:
+        return self.expansion * self.d_in
+
+    @property
+    def hook_name(self) -> str:
+        return f"blocks.{self.layer}.hook_resid_pre"
+
+    @property
+    def total_steps(self) -> int:
+        return self.total_tokens // self.batch_size
+
+    @property
+    def buffer_size(self) -> int:
+        return self.buffer_contexts * (self.context_size - int(self.exclude_bos))
+
+    @classmethod
+    def field_types(cls) -> dict:
+        return {f.name: type(f.default) for f in fields(cls)}
+
+
+# -----------------------------------------------------------------------------
+# Geometric median (Weiszfeld), to initialise b_dec
+
+
+@torch.no_grad()
+def geometric_median(points: torch.Tensor, max_iter: int = 100, tol: float = 1e-5,
+                     eps: float = 1e-6) -> torch.Tensor:
+    """The point m minimising sum_i ||x_i - m||, for points [n, d].
+
+    Weiszfeld's algorithm: repeatedly take the average of the points weighted by
+    1 / distance to the current estimate. The median ignores a few far-away
+    points that would drag the mean, which is why the post initialised b_dec
+    with it: the SAE starts centred on the bulk of the activations.
+    """
+    points = points.double()                             # sums over ~262k points: keep them exact
+    median = points.mean(0)                              # [d]
+    objective = (points - median).norm(dim=-1).sum()
+    for _ in range(max_iter):
+        # eps guards a point that coincides with the estimate (distance 0, weight inf)
+        weights = 1 / (points - median).norm(dim=-1).clamp_min(eps)   # [n]
+        median = (weights[:, None] * points).sum(0) / weights.sum()
+        new_objective = (points - median).norm(dim=-1).sum()
+        converged = (objective - new_objective).abs() < tol * objective
+        objective = new_objective
+        if converged:
+            break
+    return median.float()
+
+
+# -----------------------------------------------------------------------------
+# The sparse autoencoder
+
+
+class SAEOutput(NamedTuple):
+    x_hat: torch.Tensor       # [batch, d_in] reconstruction
+    acts: torch.Tensor        # [batch, d_sae] feature activations f(x)
+    loss: torch.Tensor        # scalar: mse_loss + l1_loss + ghost_loss
+    mse_loss: torch.Tensor    # scalar
+    l1_loss: torch.Tensor     # scalar, already multiplied by l1_coeff
+    ghost_loss: torch.Tensor  # scalar, 0 when no feature is dead
+
+
+def normalized_mse(x_hat: torch.Tensor, x: torch.Tensor, x_centred_norm: torch.Tensor) -> torch.Tensor:
+    """Squared error of each element divided by the norm ||x_t - mean(x)|| of its token, averaged.
+
+    This is the release's normalisation (per token by the centred norm, not its
+    square), which is what makes l1_coeff = 8e-5 the right size. Dividing by a
+    norm makes the loss comparable across layers whose residual norms differ.
+    """
+    return ((x_hat - x) ** 2 / x_centred_norm[:, None]).mean()
+
+
+class SAE(nn.Module):
+    """A ReLU sparse autoencoder with untied weights and a tied decoder bias.
+
+        f(x)  = ReLU((x - b_dec) @ W_enc + b_enc)
+        x_hat = f(x) @ W_dec + b_dec
+
+    W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_in] (rows of unit norm), b_dec [d_in].
+    """
+
+    def __init__(self, d_in: int, d_sae: int, l1_coeff: float = 8e-5):
+        super().__init__()
+        self.d_in, self.d_sae, self.l1_coeff = d_in, d_sae, l1_coeff
+        W_dec = torch.randn(d_sae, d_in)
+        W_dec /= W_dec.norm(dim=-1, keepdim=True)
+        self.W_dec = nn.Parameter(W_dec)                       # [d_sae, d_in]
+        # the encoder starts as the decoder's transpose, so each feature first
+        # reads the direction it writes (Anthropic, Apr 2024 update): fewer dead features
+        self.W_enc = nn.Parameter(W_dec.T.clone())             # [d_in, d_sae]
+        self.b_enc = nn.Parameter(torch.zeros(d_sae))          # [d_sae]
+        self.b_dec = nn.Parameter(torch.zeros(d_in))           # [d_in]
+
+    def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
+        # subtracting b_dec first makes b_dec the SAE's origin: encoder and decoder
+        # both work with the activation's offset from it (Towards Monosemanticity)
+        return (x - self.b_dec) @ self.W_enc + self.b_enc     # [batch, d_sae]
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.pre_acts(x))                        # [batch, d_sae]
+
+    def decode(self, acts: torch.Tensor) -> torch.Tensor:
+        return acts @ self.W_dec + self.b_dec                  # [batch, d_in]
+
+    def forward(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None) -> SAEOutput:
+        """x [batch, d_in]; dead_mask [d_sae] bool marks the features that get ghost gradients."""
+        h = self.pre_acts(x)                                   # [batch, d_sae]
+        acts = F.relu(h)                                       # [batch, d_sae]
+        x_hat = self.decode(acts)                              # [batch, d_in]
+
+        x_centred_norm = (x - x.mean(0)).norm(dim=-1)          # [batch]
+        mse_loss = normalized_mse(x_hat, x, x_centred_norm)
+        l1_loss = self.l1_coeff * acts.sum(-1).mean()          # acts >= 0, so sum = L1 norm
+        ghost_loss = torch.zeros((), device=x.device)
+        if self.training and dead_mask is not None and dead_mask.any():
+            ghost_loss = ghost_grad_loss(h[:, dead_mask], self.W_dec[dead_mask],
+                                         x - x_hat, mse_loss, x_centred_norm)
+        loss = mse_loss + l1_loss + ghost_loss
+        return SAEOutput(x_hat, acts, loss, mse_loss, l1_loss, ghost_loss)
+
+    @torch.no_grad()
+    def remove_parallel_decoder_grad(self):
+        """Drop from each W_dec row's gradient its component along that row.
+
+        A step along the row would only change the row's norm, which
+        normalize_decoder undoes anyway; removing it keeps Adam's moment
+        estimates about directions that matter. Call after backward(), before step().
+        """
+        parallel = (self.W_dec.grad * self.W_dec).sum(-1, keepdim=True)    # [d_sae, 1]
+        self.W_dec.grad -= parallel * self.W_dec
+
+    @torch.no_grad()
+    def normalize_decoder(self):
+        """Rescale W_dec rows to unit norm. Call after optimizer.step().
+
+        Without it the L1 penalty could be dodged by shrinking f and growing
+        the decoder rows (Neel Nanda's original code lacked this step).
+        """
+        self.W_dec /= self.W_dec.norm(dim=-1, keepdim=True)
+
+    def save(self, folder: str, cfg_dict: dict, log10_density: torch.Tensor | None = None):
+        """Write the released gpt2-small-res-jb layout: sae_weights / sparsity .safetensors + cfg.json."""
+        os.makedirs(folder, exist_ok=True)
+        weights = {k: v.detach().float().cpu().contiguous() for k, v in self.state_dict().items()}
+        atomic_write(os.path.join(folder, "sae_weights.safetensors"), lambda p: save_file(weights, p))
+        if log10_density is not None:
+            sparsity = {"sparsity": log10_density.float().cpu().contiguous()}
+            atomic_write(os.path.join(folder, "sparsity.safetensors"), lambda p: save_file(sparsity, p))
+        cfg = {**cfg_dict, "d_in": self.d_in, "d_sae": self.d_sae, "l1_coefficient": self.l1_coeff}
+        atomic_write(os.path.join(folder, "cfg.json"), lambda p: write_json(cfg, p))
+
+    @classmethod
+    def load(cls, folder: str) -> "SAE":
+        """Load an SAE written by save(), or a released one in the same layout."""
+        try:
+            with open(os.path.join(folder, "cfg.json")) as f:
+                cfg = json.load(f)
+            weights = load_file(os.path.join(folder, "sae_weights.safetensors"))
+            sae = cls(cfg["d_in"], cfg["d_sae"], cfg.get("l1_coefficient", 8e-5))
+            sae.load_state_dict(weights)
+        except FileNotFoundError as e:
+            raise ValueError(f"{folder} is not an SAE folder: {e.filename} is missing.") from None
+        except Exception as e:
+            raise ValueError(f"Could not load the SAE in {folder} ({type(e).__name__}: {e}); "
+                             "the files are corrupt or from another layout: retrain or re-download it.") from None
+        return sae
+
+
+def write_json(obj: dict, path: str):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+
+
+def atomic_write(path: str, write):
+    """write(tmp_path), then rename over path: a crash never leaves half a file behind."""
+    tmp = path + ".tmp"
+    write(tmp)
+    os.replace(tmp, path)
+
+
+# -----------------------------------------------------------------------------
+# Ghost gradients
+
+
+def ghost_grad_loss(dead_pre_acts: torch.Tensor, W_dec_dead: torch.Tensor, residual: torch.Tensor,
+                    mse_loss: torch.Tensor, x_centred_norm: torch.Tensor) -> torch.Tensor:
+    """An extra loss that gives dead features a gradient towards explaining the residual.
+
+    dead_pre_acts [batch, n_dead]: pre-activations h of the dead features.
+    W_dec_dead [n_dead, d_in]; residual [batch, d_in] = x - x_hat; mse_loss: the SAE's MSE.
+
+    A dead feature never fires, so ReLU blocks every gradient to it. Ghost grads
+    pass its pre-activation through exp instead: exp(h) > 0 for any h, and its
+    derivative exp(h) is non-zero, so the encoder learns to raise h where the
+    feature's decoder direction would reduce the residual. The 2024 release used
+    exp(relu(h)): for a dead feature h < 0, relu(h) = 0, exp(0) = 1 is constant,
+    and the encoder gets no gradient at all, which defeats the purpose.
+    """
+    ghost_out = torch.exp(dead_pre_acts) @ W_dec_dead                     # [batch, d_in]
+    # put the ghost output at half the residual's norm: large enough to matter,
+    # small enough not to overshoot (the 1/2 is Anthropic's choice). The scale
+    # is a detached constant: only the direction of ghost_out is learned.
+    residual = residual.detach()                                         # the target, not a path
+    scale = residual.norm(dim=-1, keepdim=True) / (2 * ghost_out.norm(dim=-1, keepdim=True) + 1e-6)
+    ghost_out = ghost_out * scale.detach()
+    ghost_mse = normalized_mse(ghost_out, residual, x_centred_norm)
+    # rescale to the size of the reconstruction loss, so ghost grads neither
+    # dominate nor vanish (one scalar factor, detached: it sets size, not direction)
+    return ghost_mse * (mse_loss / (ghost_mse + 1e-6)).detach()
+
+
+# -----------------------------------------------------------------------------
+# Data: text -> token contexts -> activations -> shuffled batches
+
+
+def special_token_ids(tokenizer) -> list[int]:
+    """BOS / EOS / padding ids: positions left out of training and evaluation."""
+    ids = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}
+    return sorted(i for i in ids if i is not None)
+
+
+def is_special(tokens: torch.Tensor, special_ids: list[int]) -> torch.Tensor:
+    return torch.isin(tokens, torch.tensor(special_ids, device=tokens.device))
+
+
+def token_contexts(texts: Iterable[str], tokenizer, context_size: int, n_contexts: int,
+                   docs_per_call: int = 64) -> Iterator[torch.Tensor]:
+    """Yield [n_contexts, context_size] token batches cut from a stream of documents.
+
+    Each document is prefixed with BOS and the documents are concatenated; the
+    stream is cut into pieces of context_size - 1 tokens and each piece gets a
+    BOS in front, so position 0 is always BOS (GPT-2's first position is special
+    whatever its token, so it is best left to a token we exclude anyway).
+    """
+    bos = tokenizer.bos_token_id
+    stream, contexts = [], []
+    texts = iter(texts)
+    while True:
+        docs = [text for _, text in zip(range(docs_per_call), texts)]      # tokenizing many at once is faster
+        if not docs:
+            return                                                          # the corpus ended
+        for ids in tokenizer(docs, add_special_tokens=False)["input_ids"]:
+            stream.extend([bos] + ids)
+        while len(stream) >= context_size - 1:
+            contexts.append([bos] + stream[:context_size - 1])
+            del stream[:context_size - 1]
+            if len(contexts) == n_contexts:
+                yield torch.tensor(contexts)                                  # [batch, pos]
+                contexts = []
+
+
+@torch.no_grad()
+def activation_chunks(model, contexts: Iterable[torch.Tensor], layer: int, special_ids: list[int],
+                      exclude_special: bool = True) -> Iterator[torch.Tensor]:
+    """Yield [n, d_in] residual-stream activations at blocks.{layer}.hook_resid_pre, one chunk per context batch.
+
+    model(tokens, stop_at_layer=layer) runs the embedding and blocks 0..layer-1
+    only and returns the residual stream entering block `layer`: exactly
+    blocks.{layer}.hook_resid_pre, without the wasted work of the later blocks.
+    """
+    device = next(model.parameters()).device
+    for tokens in contexts:
+        tokens = tokens.to(device)
+        resid = model(tokens, stop_at_layer=layer)                          # [batch, pos, d_in]
+        if exclude_special:
+            resid = resid[~is_special(tokens, special_ids)]                 # [n, d_in]
+        yield resid.reshape(-1, resid.shape[-1]).float()
+
+
+class ActivationBuffer:
+    """Serve shuffled batches from a store of activations, refilled half at a time.
+
+    Activations of one context are highly correlated; training on them in order
+    would give the SAE batches from a handful of documents. The buffer (~500k
+    activations by default) is filled and shuffled; batches are served from its
+    first half; once that half is used it is overwritten with fresh activations
+    and the whole buffer is shuffled again (the post's "refill and shuffle when
+    half used"), so every batch mixes activations from many documents.
+    """
+
+    def __init__(self, chunks: Iterator[torch.Tensor], size: int, batch_size: int, seed: int = 0):
+        assert size >= 2 * batch_size, "the buffer must hold at least two batches"
+        self.chunks, self.size, self.batch_size = chunks, size, batch_size
+        self.rng = torch.Generator().manual_seed(seed)
+        self.chunks_read = 0          # how many activation chunks were pulled (to resume the data stream)
+        self.data = None              # [size, d_in], allocated on the first fill
+        self.pos = 0                  # next row to serve
+
+    def _fill(self, start: int, end: int):
+        """Write fresh activations into rows start..end, then shuffle the whole buffer."""
+        row = start
+        while row < end:
+            chunk = next(self.chunks)
+            self.chunks_read += 1
+            if self.data is None:
+                self.data = torch.empty(self.size, chunk.shape[-1], dtype=chunk.dtype, device=chunk.device)
+            n = min(len(chunk), end - row)
+            self.data[row:row + n] = chunk[:n]       # the rest of the last chunk is dropped
+            row += n
+        perm = torch.randperm(self.size, generator=self.rng).to(self.data.device)
+        self.data = self.data[perm]
+        self.pos = 0
+
+    def fill(self):
+        """Fill the whole buffer now (the first next() would otherwise), e.g. to initialise b_dec from it."""
+        if self.data is None:
+            self._fill(0, self.size)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        self.fill()
+        if self.pos + self.batch_size > self.size // 2:
+            self._fill(0, self.size // 2)             # overwrite the half that was served
+        batch = self.data[self.pos:self.pos + self.batch_size]             # [batch, d_in]
+        self.pos += self.batch_size
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"data": self.data, "pos": self.pos, "rng": self.rng.get_state(),
+                "chunks_read": self.chunks_read}
+
+    def load_state_dict(self, state: dict):
+        self.data, self.pos, self.chunks_read = state["data"], state["pos"], state["chunks_read"]
+        self.rng.set_state(state["rng"])
+
+
+# -----------------------------------------------------------------------------
+# Evaluation
+
+
+class EvalSet(NamedTuple):
+    """Held-out contexts with what does not depend on the SAE computed once."""
+    tokens: torch.Tensor      # [batch, pos]
+    resid: torch.Tensor       # [batch, pos, d_in] at the hook
+    keep: torch.Tensor        # [batch, pos] bool: non-special positions
+    ce_clean: float           # CE of the unmodified model
+    ce_zero: float            # CE with the hook's activations zeroed at non-special positions
+
+
+def mean_ce(model, resid: torch.Tensor, tokens: torch.Tensor, layer: int, keep: torch.Tensor,
+            chunk: int = 16) -> float:
+    """Next-token CE running the model from `layer` on `resid`, scored on non-special targets only.
+
+    Chunked over contexts: the logits of 64 GPT-2 contexts alone would take 1.6 GB.
+    """
+    total = 0.0
+    for r, t, k in zip(resid.split(chunk), tokens.split(chunk), keep.split(chunk)):
+        ce = model(r, start_at_layer=layer, tokens=t, return_type="loss",
+                   loss_per_token=True)                                     # [batch, pos - 1]
+        total += ce[k[:, 1:]].sum().item()
+    return total / keep[:, 1:].sum().item()
+
+
+@torch.no_grad()
+def make_eval_set(model, tokens: torch.Tensor, layer: int, special_ids: list[int], chunk: int = 16) -> EvalSet:
+    """Compute the hook activations and the clean and zero-ablated CE of held-out contexts once."""
+    device = next(model.parameters()).device
+    tokens = tokens.to(device)
+    resid = torch.cat([model(t, stop_at_layer=layer) for t in tokens.split(chunk)]).float()
+    keep = ~is_special(tokens, special_ids)
+    zeroed = resid * ~keep[..., None]
+    return EvalSet(tokens, resid, keep, mean_ce(model, resid, tokens, layer, keep),
+                   mean_ce(model, zeroed, tokens, layer, keep))
+
+
+@torch.no_grad()
+def evaluate(sae: SAE, model, ev: EvalSet, layer: int) -> dict:
+    """The post's metrics, computed correctly (see ../shared/METHOD.md, Evaluation).
+
+    explained_variance is centred and pooled over tokens:
+        1 - sum_t ||x_t - x_hat_t||^2 / sum_t ||x_t - mean(x)||^2
+    CE with the SAE splices x_hat in at non-special positions only;
+    ce_recovered = (CE_zero - CE_sae) / (CE_zero - CE_clean): 1 = as good as the clean model.
+    """
+    x = ev.resid[ev.keep]                                                  # [n, d_in]
+    acts = sae.encode(x)                                                   # [n, d_sae]
+    x_hat = sae.decode(acts)                                               # [n, d_in]
+    ev_ratio = ((x - x_hat) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
+    spliced = ev.resid.clone()
+    spliced[ev.keep] = x_hat.to(spliced.dtype)
+    ce_sae = mean_ce(model, spliced, ev.tokens, layer, ev.keep)
+    return {
+        "explained_variance": 1 - ev_ratio.item(),
+        "l0": (acts > 0).float().sum(-1).mean().item(),
+        "l1": acts.sum(-1).mean().item(),
+        "ce_clean": ev.ce_clean,
+        "ce_sae": ce_sae,
+        "ce_zero": ev.ce_zero,
+        "ce_recovered": (ev.ce_zero - ce_sae) / (ev.ce_zero - ev.ce_clean),
+        "eval_tokens": len(x),
+    }
+
+
+def log10_density(density: torch.Tensor) -> torch.Tensor:
+    """log10 of each feature's firing fraction; the 1e-10 puts dead features at -10 (the post's floor)."""
+    return torch.log10(density.double() + 1e-10).float()
+
+
+def density_histogram(log_density: torch.Tensor, lo: float = -10.0, hi: float = 0.0, bins: int = 20,
+                      width: int = 50) -> str:
+    """The post's main diagnostic drawn in text: how many features fire at each log10 density."""
+    counts = torch.histc(log_density.clamp(lo, hi - 1e-6), bins=bins, min=lo, max=hi)
+    step = (hi - lo) / bins
+    rows = []
+    for i, c in enumerate(counts.tolist()):
+        bar = "#" * math.ceil(width * c / max(counts.max().item(), 1))
+        label = "dead " if i == 0 else ("dense" if lo + i * step >= -2 else "")
+        rows.append(f"[{lo + i * step:5.1f},{lo + (i + 1) * step:5.1f}) {int(c):7d} {bar} {label}".rstrip())
+    return "\n".join(rows)
+
+
+def config_dict(cfg: Config) -> dict:
+    """cfg.json: our fields plus the keys of the released SAEs' cfg.json (for their loaders)."""
+    return {**asdict(cfg), "model_name": cfg.model, "hook_point": cfg.hook_name,
+            "hook_point_layer": cfg.layer, "d_sae": cfg.d_sae, "dataset_path": cfg.dataset}
