@@ -43,6 +43,7 @@ from safetensors.torch import load_file, save_file
 
 @dataclass
 class Config:
+    preset: str = "auto"                       # auto | post | cpu: auto = cpu without a GPU (see train.py)
     # what to train on
     model: str = "gpt2"                        # TransformerLens name ("gpt2"), or "smollm2-135m" (offline)
     dataset: str = "Skylion007/openwebtext"    # Hugging Face hub dataset, or a local text file / folder
