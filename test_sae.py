@@ -576,3 +576,24 @@ def test_real_model_sae_meets_quality_thresholds_and_broken_variants_do_not(vari
     m = quality(sae, state, model, eval_set)
     print(variant, {k: round(v, 4) for k, v in m.items()})
     assert passes(m) == (variant == "correct"), m
+
+
+# -----------------------------------------------------------------------------
+# the notebook
+
+
+def test_notebook_runs_top_to_bottom_offline(tmp_path, monkeypatch):
+    """analyze.ipynb executes top to bottom with no internet: it trains small SAEs for two adjacent layers
+    of SmolLM2 through train.py when none exist, and every reference solution passes its check."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    monkeypatch.setenv("SAE_QUICK", "1")
+    monkeypatch.setenv("SAE_RUNS", str(tmp_path / "runs"))
+    here = os.path.dirname(os.path.abspath(__file__))
+    nb = nbformat.read(os.path.join(here, "analyze.ipynb"), as_version=4)
+    NotebookClient(nb, timeout=1200, kernel_name="python3", resources={"metadata": {"path": here}}).execute()
+    printed = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    for name in ("cooccurrence_counts", "top_lift_pairs", "best_decoder_match", "activation_correlation"):
+        assert f"{name}: correct." in printed, name
+    assert len(os.listdir(tmp_path / "runs")) == 2                 # one small SAE per layer was trained

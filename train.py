@@ -124,6 +124,8 @@ def parse_args(argv: list[str]) -> tuple[Config, set, str | None]:
         raise UserError("--resume continues a run with its saved config: pass no other options.")
     if cfg.preset not in ("auto", "post", "cpu"):
         raise UserError(f"--preset must be auto, post or cpu, not {cfg.preset!r}.")
+    if cfg.dtype not in ("float32", "bfloat16"):
+        raise UserError(f"--dtype must be float32 or bfloat16, not {cfg.dtype!r}.")
     if cfg.b_dec_init not in ("geometric_median", "mean", "zeros"):
         raise UserError(f"--b_dec_init must be geometric_median, mean or zeros, not {cfg.b_dec_init!r}.")
     return cfg, explicit, resume
@@ -166,6 +168,12 @@ def smollm2_gguf() -> str:
     return os.path.join(os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
+def load_smollm2_tokenizer():
+    from transformers import AutoTokenizer
+    folder, gguf = os.path.split(smollm2_gguf())
+    return AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+
+
 def load_smollm2():
     """SmolLM2-135M (a pretrained Llama-architecture LM) as a TransformerLens HookedTransformer.
 
@@ -175,13 +183,9 @@ def load_smollm2():
     """
     from transformer_lens import HookedTransformer, HookedTransformerConfig
     from transformer_lens.pretrained.weight_conversions import convert_llama_weights
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    path = smollm2_gguf()
-    folder, gguf = os.path.split(path)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+    from transformers import AutoModelForCausalLM
+    folder, gguf = os.path.split(smollm2_gguf())
+    tokenizer = load_smollm2_tokenizer()
     hf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
     c = hf_model.config
     cfg = HookedTransformerConfig(
@@ -328,7 +332,9 @@ def train(sae: SAE, batches, cfg: Config, state: TrainState | None = None, on_ev
 
         # --- TRAINING SECTION BEGIN
         dead = state.steps_since_fired >= cfg.dead_window if cfg.ghost_grads else None   # [d_sae]
-        out = sae(x, dead_mask=dead)
+        # bf16 autocast runs the matmuls in bf16 and keeps fp32 weights and Adam state (README: its cost)
+        with torch.autocast(x.device.type, torch.bfloat16, enabled=cfg.dtype == "bfloat16"):
+            out = sae(x, dead_mask=dead)
         if not torch.isfinite(out.loss):
             raise FloatingPointError(f"the loss became {out.loss.item()} at step {state.step}")
         lr = cfg.lr * min(1.0, (state.step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr

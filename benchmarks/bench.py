@@ -1,0 +1,222 @@
+"""
+How fast is the SAE step and the activation pipeline on this machine, and how close to its limit?
+
+    python benchmarks/bench.py               # everything (~6 minutes on 2 CPU cores)
+    python benchmarks/bench.py --quick       # fewer repeats, no end-to-end run
+    python benchmarks/bench.py --help
+
+Needs no download: synthetic activations, a randomly initialised GPT-2-small-shaped
+HookedTransformer, and (end to end) train.py's main path on a random GPT-2-shaped
+model with SmolLM2's tokenizer on the offline corpus. Every figure is the median of
+--repeats timings after one warm-up. Prints numbers; asserts nothing.
+"""
+
+import argparse
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import train as T                                       # noqa: E402
+from sae import SAE                                     # noqa: E402
+
+
+def median_time(fn, repeats: int) -> float:
+    fn()                                                # warm-up (allocations, oneDNN kernel choice)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def set_onednn(on: bool):
+    torch.backends.mkldnn.matmul.fp32_precision = "bf16" if on else "none"
+
+
+# -----------------------------------------------------------------------------
+# 1. matmul throughput at the SAE's shapes
+
+
+def matmul_limits(B: int, d_in: int, d_sae: int, repeats: int) -> float:
+    """GFLOP/s of [B, d_in] @ [d_in, d_sae] per path; returns the best exact-fp32 figure."""
+    a, w = torch.randn(B, d_in), torch.randn(d_in, d_sae) / d_in ** 0.5
+    exact = (a.double() @ w.double())
+    flops = 2 * B * d_in * d_sae
+    best = 0.0
+    print(f"matmul [{B}, {d_in}] @ [{d_in}, {d_sae}]")
+    for name, onednn, dtype in [("fp32, default (MKL)", False, torch.float32),
+                                ("fp32, oneDNN route", True, torch.float32),
+                                ("bf16", False, torch.bfloat16)]:
+        set_onednn(onednn)
+        x, y = a.to(dtype), w.to(dtype)
+        t = median_time(lambda: x @ y, repeats)
+        err = (((x @ y).double() - exact).norm() / exact.norm()).item()
+        is_exact = dtype == torch.float32 and err < 1e-5
+        if is_exact:
+            best = max(best, flops / t / 1e9)
+        print(f"  {name:22s} {flops / t / 1e9:7.1f} GFLOP/s   rel. error {err:.1e}"
+              f"{'' if is_exact else '  (not exact fp32)'}")
+    set_onednn(False)
+    print(f"  limit (best exact fp32): {best:.1f} GFLOP/s")
+    return best
+
+
+# -----------------------------------------------------------------------------
+# 2. our training step vs a plain-torch reference step
+
+
+def our_step_fn(B: int, d_in: int, d_sae: int, dtype: str):
+    cfg = T.Config(d_in=d_in, expansion=d_sae // d_in, batch_size=B, total_tokens=10**12,
+                   warmup_steps=0, dead_window=10**9, eval_every=10**9, dtype=dtype)
+    torch.manual_seed(0)
+    sae = SAE(d_in, d_sae, cfg.l1_coeff)
+    state = T.new_state(sae, cfg)
+    state.steps_since_fired[: d_sae // 10] = 10**9      # 10% dead features: ghost grads do real work
+    x = torch.randn(B, d_in)
+    batches = iter(lambda: x, None)
+
+    def step():
+        cfg.total_tokens = (state.step + 1) * B         # exactly one more step
+        T.train(sae, batches, cfg, state)
+    return step
+
+
+def plain_step_fn(B: int, d_in: int, d_sae: int):
+    """The fewest lines of a ReLU SAE step: MSE + L1, Adam. No ghost grads, no decoder projection."""
+    W_enc = torch.nn.Parameter(torch.randn(d_in, d_sae) / d_in ** 0.5)
+    W_dec = torch.nn.Parameter(torch.randn(d_sae, d_in) / d_sae ** 0.5)
+    b_enc, b_dec = torch.nn.Parameter(torch.zeros(d_sae)), torch.nn.Parameter(torch.zeros(d_in))
+    opt = torch.optim.Adam([W_enc, W_dec, b_enc, b_dec], lr=1e-4)
+    x = torch.randn(B, d_in)
+
+    def step():
+        f = torch.relu((x - b_dec) @ W_enc + b_enc)
+        loss = ((f @ W_dec + b_dec - x) ** 2).mean() + 8e-5 * f.sum(-1).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return step
+
+
+def steps(B: int, d_in: int, d_sae: int, limit: float, repeats: int):
+    flops = 12 * B * d_in * d_sae                       # 6 matmuls of B x d_in x d_sae multiply-adds
+    print(f"\ntraining step, batch {B}, d_in {d_in}, d_sae {d_sae} ({flops / 1e9:.0f} GFLOP a step)")
+    results = {}
+    for name, onednn, make in [("plain torch, default", False, lambda: plain_step_fn(B, d_in, d_sae)),
+                               ("ours, default", False, lambda: our_step_fn(B, d_in, d_sae, "float32")),
+                               ("plain torch, oneDNN", True, lambda: plain_step_fn(B, d_in, d_sae)),
+                               ("ours, oneDNN (train.py)", True, lambda: our_step_fn(B, d_in, d_sae, "float32")),
+                               ("ours, bf16 autocast", True, lambda: our_step_fn(B, d_in, d_sae, "bfloat16"))]:
+        set_onednn(onednn)
+        t = median_time(make(), repeats)
+        results[name] = t
+        print(f"  {name:26s} {t:6.2f} s  {B / t:8.0f} tokens/s  {flops / t / 1e9:6.1f} GFLOP/s"
+              f"  {flops / t / 1e9 / limit:5.0%} of the fp32 limit")
+    set_onednn(False)
+    print(f"  ours / plain (oneDNN): {results['ours, oneDNN (train.py)'] / results['plain torch, oneDNN']:.2f}x time;"
+          f" bf16 speed-up over fp32: {results['ours, oneDNN (train.py)'] / results['ours, bf16 autocast']:.2f}x")
+
+
+# -----------------------------------------------------------------------------
+# 3. activation generation: full forward vs stopping after the hooked layer
+
+
+def gpt2_shaped_model(d_vocab: int = 50257):
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+    cfg = HookedTransformerConfig(n_layers=12, d_model=768, d_head=64, n_heads=12, d_mlp=3072, n_ctx=1024,
+                                  d_vocab=d_vocab, act_fn="gelu_new", normalization_type="LN", seed=0)
+    return HookedTransformer(cfg).eval()
+
+
+@torch.no_grad()
+def activations(repeats: int, layer: int = 2):
+    model = gpt2_shaped_model()
+    tokens = torch.randint(0, 50257, (32, 128))
+    hook = f"blocks.{layer}.hook_resid_pre"
+    full = median_time(lambda: model.run_with_cache(tokens, names_filter=hook), repeats)
+    stopped = median_time(lambda: model(tokens, stop_at_layer=layer), repeats)
+    print(f"\nactivations at {hook}, GPT-2-small shapes, 32 x 128 tokens")
+    print(f"  full forward with a hook    {tokens.numel() / full:8.0f} tokens/s")
+    print(f"  stop_at_layer={layer} (ours)      {tokens.numel() / stopped:8.0f} tokens/s  ({full / stopped:.1f}x)")
+
+
+# -----------------------------------------------------------------------------
+# 4. end to end: train.py's main path, with where the time goes
+
+
+def end_to_end_child(argv: list[str]):
+    """Run train.py's main path on a random GPT-2-small-shaped model, timing each part."""
+    import sae as S
+    timers = {"model forward (activations)": 0.0, "evaluation": 0.0, "buffer (fill, shuffle)": 0.0}
+    model = gpt2_shaped_model(49152)
+    model.tokenizer = T.load_smollm2_tokenizer()
+    forward = model.forward
+
+    def timed_forward(*a, **kw):
+        t = time.perf_counter()
+        out = forward(*a, **kw)
+        if kw.get("start_at_layer") is None:
+            timers["model forward (activations)"] += time.perf_counter() - t
+        return out
+    model.forward = timed_forward
+
+    def timed(name, fn):
+        def wrapper(*a, **kw):
+            t = time.perf_counter()
+            out = fn(*a, **kw)
+            timers[name] += time.perf_counter() - t
+            return out
+        return wrapper
+    T.load_model = lambda cfg, explicit, online, notes: model
+    T.evaluate = timed("evaluation", S.evaluate)
+    S.ActivationBuffer._fill = timed("buffer (fill, shuffle)", S.ActivationBuffer._fill)
+    start = time.perf_counter()
+    T.run(argv)
+    total = time.perf_counter() - start
+    timers["buffer (fill, shuffle)"] -= timers["model forward (activations)"]   # fills include forwards
+    timers["SAE steps and the rest"] = total - sum(timers.values())
+    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+    print(f"\nend to end: train.py {' '.join(argv)}")
+    print(f"  total {total:.0f} s; peak memory (max RSS) {peak_gb:.2f} GB")
+    for name, t in timers.items():
+        print(f"  {name:30s} {t:7.1f} s  {t / total:5.1%}")
+
+
+def end_to_end(tokens: int, out_dir: str):
+    # the post's shapes: expansion 32 (d_sae 24,576), 4,096-token batches, a ~520k-activation buffer
+    argv = ["2", "--preset=post", f"--total_tokens={tokens}", f"--out_dir={out_dir}", "--model=gpt2-random",
+            "--eval_every=1000000", "--eval_contexts=16"]
+    subprocess.run([sys.executable, __file__, "--e2e-child", *argv], check=True)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--repeats", type=int, default=3, help="timings per figure (median reported)")
+    p.add_argument("--batch", type=int, default=4096)
+    p.add_argument("--d_in", type=int, default=768)
+    p.add_argument("--d_sae", type=int, default=24576)
+    p.add_argument("--e2e_tokens", type=int, default=20 * 4096, help="tokens for the end-to-end run")
+    p.add_argument("--out_dir", default="/tmp/sae-bench-runs")
+    p.add_argument("--quick", action="store_true", help="1 repeat, no end-to-end run")
+    p.add_argument("--e2e-child", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.e2e_child is not None:
+        return end_to_end_child(args.e2e_child)
+    repeats = 1 if args.quick else args.repeats
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device cpu")
+    limit = matmul_limits(args.batch, args.d_in, args.d_sae, repeats)
+    steps(args.batch, args.d_in, args.d_sae, limit, repeats)
+    activations(repeats)
+    if not args.quick:
+        end_to_end(args.e2e_tokens, args.out_dir)
+
+
+if __name__ == "__main__":
+    main()
