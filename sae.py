@@ -46,7 +46,7 @@ class Config:
     preset: str = "auto"                       # auto | post | cpu: auto = cpu without a GPU (see train.py)
     # what to train on
     model: str = "gpt2"                        # TransformerLens name ("gpt2"), or "smollm2-135m" (offline)
-    dataset: str = "Skylion007/openwebtext"    # Hugging Face hub dataset, or a local text file / folder
+    dataset: str = "Skylion007/openwebtext"    # hub dataset, "python-stdlib" (offline), or a local file / folder
     layer: int = 2                             # hook blocks.{layer}.hook_resid_pre; set by `train.py LAYER`
     context_size: int = 128                    # tokens per context (BOS included)
     exclude_bos: bool = True                   # leave BOS rows out of the buffer (the release kept them)
@@ -327,17 +327,20 @@ def token_contexts(texts: Iterable[str], tokenizer, context_size: int, n_context
 
 @torch.no_grad()
 def activation_chunks(model, contexts: Iterable[torch.Tensor], layer: int, special_ids: list[int],
-                      exclude_special: bool = True) -> Iterator[torch.Tensor]:
+                      exclude_special: bool = True, bf16: bool = False) -> Iterator[torch.Tensor]:
     """Yield [n, d_in] residual-stream activations at blocks.{layer}.hook_resid_pre, one chunk per context batch.
 
     model(tokens, stop_at_layer=layer) runs the embedding and blocks 0..layer-1
     only and returns the residual stream entering block `layer`: exactly
     blocks.{layer}.hook_resid_pre, without the wasted work of the later blocks.
+    bf16=True runs those blocks under bf16 autocast (~2x faster on a CPU,
+    activations within ~0.4% of fp32 for SmolLM2 layer 2); rows are returned in fp32.
     """
     device = next(model.parameters()).device
     for tokens in contexts:
         tokens = tokens.to(device)
-        resid = model(tokens, stop_at_layer=layer)                          # [batch, pos, d_in]
+        with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
+            resid = model(tokens, stop_at_layer=layer)                      # [batch, pos, d_in]
         if exclude_special:
             resid = resid[~is_special(tokens, special_ids)]                 # [n, d_in]
         yield resid.reshape(-1, resid.shape[-1]).float()

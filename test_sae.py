@@ -529,16 +529,19 @@ def smollm2_layer2():
 
 
 REAL_TOKENS = 300_000
-REAL_CFG = dict(d_in=576, expansion=4, batch_size=512, total_tokens=REAL_TOKENS, lr=1e-3, l1_coeff=3e-4,
-                warmup_steps=30, dead_window=60, eval_every=10**9, density_tokens=REAL_TOKENS)
-# thresholds measured on this run (README, "Proof on a real model"); each broken variant fails one
-THRESHOLDS = dict(min_explained_variance=0.0, min_ce_recovered=0.0, max_l0=1e9, max_dead=1.0)
+REAL_CFG = dict(d_in=576, expansion=4, batch_size=512, total_tokens=REAL_TOKENS, lr=1e-3, l1_coeff=1e-4,
+                warmup_steps=30, dead_window=60, eval_every=10**9, density_tokens=100_000)
+KILLED = 0.25       # share of features that start dead, to check that ghost grads revive them
+# Measured on this run (CPU, torch 2.13): correct EV 0.821, CE rec. 0.965, L0 91.3, dead 0.04%;
+# untrained EV -0.77, L0 867; exp(relu(h)) and no ghost grads: 25% dead, L0 123;
+# no decoder normalisation: L0 103.7 (it buys EV 0.840 by shrinking f and growing W_dec: L1 99 < 122).
+THRESHOLDS = dict(min_explained_variance=0.78, min_ce_recovered=0.95, max_l0=100, max_dead=0.05)
 
 
 def train_real(acts, variant: str, monkeypatch) -> tuple[SAE, T.TrainState]:
     import sae as sae_module
 
-    cfg = Config(**REAL_CFG)
+    cfg = Config(**REAL_CFG, ghost_grads=variant != "no_ghost_grads")
     if variant == "exp_relu_ghost_grads":         # the release's bug
         correct = sae_module.ghost_grad_loss
         monkeypatch.setattr(sae_module, "ghost_grad_loss", lambda h, *a: correct(F.relu(h), *a))
@@ -548,6 +551,10 @@ def train_real(acts, variant: str, monkeypatch) -> tuple[SAE, T.TrainState]:
     torch.manual_seed(0)
     sae = SAE(cfg.d_in, cfg.d_sae, cfg.l1_coeff)
     T.init_b_dec(sae, acts[:100_000], cfg.b_dec_init)
+    with torch.no_grad():       # kill a quarter of the features, as a bad early step can: h = -1 on every token
+        killed = torch.arange(int(KILLED * cfg.d_sae))
+        sae.W_enc[:, killed] = 0
+        sae.b_enc[killed] = -1
     cfg.total_tokens = 0 if variant == "untrained" else cfg.total_tokens
     state = T.train(sae, iter(acts.split(cfg.batch_size)), cfg)    # one epoch of pre-shuffled activations
     monkeypatch.undo()
@@ -567,10 +574,12 @@ def passes(m: dict) -> bool:
             and m["l0"] <= THRESHOLDS["max_l0"] and m["dead"] <= THRESHOLDS["max_dead"])
 
 
-@pytest.mark.parametrize("variant", ["correct", "untrained", "exp_relu_ghost_grads", "no_decoder_normalisation"])
+@pytest.mark.parametrize("variant", ["correct", "untrained", "exp_relu_ghost_grads", "no_ghost_grads",
+                                     "no_decoder_normalisation"])
 def test_real_model_sae_meets_quality_thresholds_and_broken_variants_do_not(variant, smollm2_layer2, monkeypatch):
-    """On SmolLM2-135M layer 2 (real weights, real text), the method as implemented reaches the quality
-    thresholds, and each broken variant (no training, exp(relu(h)) ghost grads, no unit-norm decoder) fails them."""
+    """On SmolLM2-135M layer 2 (real weights, real text), starting with a quarter of the features dead, the
+    method as implemented reaches the quality thresholds (revived features included), and each broken
+    variant (no training, exp(relu(h)) or no ghost grads, no unit-norm decoder) fails them."""
     model, eval_set, acts = smollm2_layer2
     sae, state = train_real(acts, variant, monkeypatch)
     m = quality(sae, state, model, eval_set)

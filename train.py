@@ -78,6 +78,7 @@ CPU_PRESET = dict(
     buffer_contexts=1024,       # ~130k activations: fills in ~15 s instead of ~60 s
     eval_every=1000,
     eval_contexts=32,           # each evaluation runs the model's upper layers on 4k tokens
+    dtype="bfloat16",           # ~2x faster model forward and SAE step on a CPU (README: the quality cost)
 )
 
 
@@ -242,6 +243,8 @@ def local_files(path: str) -> list[str]:
 
 def resolve_dataset(cfg: Config, explicit: set, online: bool, notes: list) -> list[str] | None:
     """Local files to read, or None for the hub dataset cfg.dataset."""
+    if cfg.dataset == "python-stdlib":
+        return stdlib_files()
     if os.path.exists(cfg.dataset):
         return local_files(cfg.dataset)
     if online:
@@ -264,7 +267,9 @@ def iter_texts(cfg: Config, files: list[str] | None):
     else:
         files = sorted(files)
         random.Random(cfg.seed).shuffle(files)    # mix the corpus: held-out data looks like training data
-        dataset = load_dataset("text", data_files=files, sample_by="document", split="train", streaming=True)
+        # a file that is not valid UTF-8 (the stdlib has a few) gets U+FFFD instead of stopping the run
+        dataset = load_dataset("text", data_files=files, sample_by="document", encoding_errors="replace",
+                               split="train", streaming=True)
     epoch = 0
     while True:
         n = 0
@@ -421,7 +426,6 @@ def run(argv: list[str]) -> str:
     online = hub_reachable()
     if not online:
         os.environ["HF_HUB_OFFLINE"] = "1"     # use local caches only, fail at once instead of retrying
-    if not online:
         notes.insert(0, "network: the Hugging Face hub cannot be reached.")
     files = resolve_dataset(cfg, explicit, online, notes)
     model = load_model(cfg, explicit, online, notes)
@@ -446,7 +450,8 @@ def run(argv: list[str]) -> str:
     if ckpt is not None:     # skip, without running the model, the contexts the run already used
         for _ in range(ckpt["buffer"]["chunks_read"]):
             next(contexts)
-    chunks = activation_chunks(model, contexts, cfg.layer, special_ids, exclude_special=cfg.exclude_bos)
+    chunks = activation_chunks(model, contexts, cfg.layer, special_ids, exclude_special=cfg.exclude_bos,
+                               bf16=cfg.dtype == "bfloat16")
     buffer = ActivationBuffer(chunks, cfg.buffer_size, cfg.batch_size, seed=cfg.seed)
 
     # --- SAE init
