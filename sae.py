@@ -108,7 +108,6 @@ def geometric_median(points: torch.Tensor, max_iter: int = 100, tol: float = 1e-
     points that would drag the mean, which is why the post initialised b_dec
     with it: the SAE starts centred on the bulk of the activations.
     """
-    points = points.double()                             # sums over ~262k points: keep them exact
     median = points.mean(0)                              # [d]
     objective = (points - median).norm(dim=-1).sum()
     for _ in range(max_iter):
@@ -120,7 +119,7 @@ def geometric_median(points: torch.Tensor, max_iter: int = 100, tol: float = 1e-
         objective = new_objective
         if converged:
             break
-    return median.float()
+    return median
 
 
 # -----------------------------------------------------------------------------
@@ -351,10 +350,12 @@ class ActivationBuffer:
 
     Activations of one context are highly correlated; training on them in order
     would give the SAE batches from a handful of documents. The buffer (~500k
-    activations by default) is filled and shuffled; batches are served from its
-    first half; once that half is used it is overwritten with fresh activations
-    and the whole buffer is shuffled again (the post's "refill and shuffle when
-    half used"), so every batch mixes activations from many documents.
+    activations by default) is filled and shuffled; batches are served from the
+    first half of the shuffled order; once that half is used, its rows are
+    overwritten with fresh activations and the whole buffer is shuffled again
+    (the post's "refill and shuffle when half used"), so every batch mixes
+    activations from many documents. The shuffle is a random order of row
+    indices, not a shuffled copy: a copy of a 1.6 GB buffer would double its memory.
     """
 
     def __init__(self, chunks: Iterator[torch.Tensor], size: int, batch_size: int, seed: int = 0):
@@ -363,27 +364,27 @@ class ActivationBuffer:
         self.rng = torch.Generator().manual_seed(seed)
         self.chunks_read = 0          # how many activation chunks were pulled (to resume the data stream)
         self.data = None              # [size, d_in], allocated on the first fill
-        self.pos = 0                  # next row to serve
+        self.order = None             # [size] the shuffled order in which rows are served
+        self.pos = 0                  # next position in self.order
 
-    def _fill(self, start: int, end: int):
-        """Write fresh activations into rows start..end, then shuffle the whole buffer."""
-        row = start
-        while row < end:
+    def _fill(self, rows: torch.Tensor):
+        """Write fresh activations into `rows`, then shuffle the whole buffer."""
+        done = 0
+        while done < len(rows):
             chunk = next(self.chunks)
             self.chunks_read += 1
             if self.data is None:
                 self.data = torch.empty(self.size, chunk.shape[-1], dtype=chunk.dtype, device=chunk.device)
-            n = min(len(chunk), end - row)
-            self.data[row:row + n] = chunk[:n]       # the rest of the last chunk is dropped
-            row += n
-        perm = torch.randperm(self.size, generator=self.rng).to(self.data.device)
-        self.data = self.data[perm]
+            n = min(len(chunk), len(rows) - done)
+            self.data[rows[done:done + n].to(self.data.device)] = chunk[:n]   # the rest of the last chunk is dropped
+            done += n
+        self.order = torch.randperm(self.size, generator=self.rng)
         self.pos = 0
 
     def fill(self):
         """Fill the whole buffer now (the first next() would otherwise), e.g. to initialise b_dec from it."""
         if self.data is None:
-            self._fill(0, self.size)
+            self._fill(torch.arange(self.size))
 
     def __iter__(self):
         return self
@@ -391,17 +392,23 @@ class ActivationBuffer:
     def __next__(self) -> torch.Tensor:
         self.fill()
         if self.pos + self.batch_size > self.size // 2:
-            self._fill(0, self.size // 2)             # overwrite the half that was served
-        batch = self.data[self.pos:self.pos + self.batch_size]             # [batch, d_in]
+            self._fill(self.order[:self.size // 2])   # overwrite the rows that were served
+        rows = self.order[self.pos:self.pos + self.batch_size].to(self.data.device)
         self.pos += self.batch_size
-        return batch
+        return self.data[rows]                                             # [batch, d_in]
+
+    def sample(self, n: int) -> torch.Tensor:
+        """n random rows of the current buffer (a copy): [n, d_in]."""
+        self.fill()
+        return self.data[self.order[:n].to(self.data.device)]
 
     def state_dict(self) -> dict:
-        return {"data": self.data, "pos": self.pos, "rng": self.rng.get_state(),
+        return {"data": self.data, "order": self.order, "pos": self.pos, "rng": self.rng.get_state(),
                 "chunks_read": self.chunks_read}
 
     def load_state_dict(self, state: dict):
-        self.data, self.pos, self.chunks_read = state["data"], state["pos"], state["chunks_read"]
+        self.data, self.order, self.pos = state["data"], state["order"], state["pos"]
+        self.chunks_read = state["chunks_read"]
         self.rng.set_state(state["rng"])
 
 
