@@ -322,6 +322,7 @@ def init_b_dec(sae: SAE, x: torch.Tensor, how: str):
 stop_requested = False          # set by Ctrl-C (see main); the loop stops at the end of the step
 
 
+@torch.enable_grad()             # works even if the caller turned gradients off (the notebook does)
 def train(sae: SAE, batches, cfg: Config, state: TrainState | None = None, on_eval=None) -> TrainState:
     """Train `sae` on an iterator of [batch_size, d_in] activation batches until cfg.total_steps.
 
@@ -420,7 +421,6 @@ def run(argv: list[str]) -> str:
     if cfg.buffer_size < 2 * cfg.batch_size:
         raise UserError(f"The buffer ({cfg.buffer_size} activations) must hold two batches of "
                         f"{cfg.batch_size}: raise --buffer_contexts or lower --batch_size.")
-    torch.manual_seed(cfg.seed)
 
     # --- model and data (decide about the network first: offline mode must be set before HF imports)
     online = hub_reachable()
@@ -455,6 +455,9 @@ def run(argv: list[str]) -> str:
     buffer = ActivationBuffer(chunks, cfg.buffer_size, cfg.batch_size, seed=cfg.seed)
 
     # --- SAE init
+    # SAEs of different layers start from different random directions: with one shared start, a
+    # cross-layer comparison (analyze.ipynb) would find matches that are only the initialisation
+    torch.manual_seed(cfg.seed + 1000 * cfg.layer)
     sae = SAE(cfg.d_in, cfg.d_sae, cfg.l1_coeff).to(device)
     state = new_state(sae, cfg)
     if ckpt is None:
