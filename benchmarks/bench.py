@@ -19,7 +19,8 @@ import subprocess
 import sys
 import time
 
-import torch
+os.environ.setdefault("TQDM_DISABLE", "1")      # train()'s progress bar would bury the numbers
+import torch                                    # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import train as T                                       # noqa: E402
