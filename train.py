@@ -481,13 +481,20 @@ def run(argv: list[str]) -> str:
         if metrics is not None:
             atomic_write(os.path.join(run_dir, "metrics.json"), lambda p: write_json(metrics, p))
 
-    def on_eval(sae: SAE, state: TrainState) -> dict:
+    def measure() -> dict:
         sae.eval()
         metrics = evaluate(sae, model, eval_set, cfg.layer)
         sae.train()
         density, n_tokens = state.density()
-        save_outputs()                          # a crash later never loses more than eval_every steps
         return {**metrics, "alive_fraction": (density > 0).float().mean().item(), "density_tokens": n_tokens}
+
+    def on_eval(sae: SAE, state: TrainState) -> dict:
+        save_outputs()                          # a crash later never loses more than eval_every steps
+        return measure()
+
+    def save_for_resume():
+        save_checkpoint(checkpoint_path, sae, state, cfg, buffer, run_dir)
+        save_outputs()
 
     # --- train (Ctrl-C asks the loop to stop at the end of the step; a second one aborts)
     def request_stop(signum, frame):
@@ -500,8 +507,7 @@ def run(argv: list[str]) -> str:
     try:
         train(sae, buffer, cfg, state, on_eval)
     except BaseException as e:
-        save_checkpoint(checkpoint_path, sae, state, cfg, buffer, run_dir)
-        save_outputs()
+        save_for_resume()
         msg = f"stopped at step {state.step}: {e}" if str(e) else f"stopped at step {state.step}"
         hint = " Try a lower --lr." if isinstance(e, FloatingPointError) else ""
         raise UserError(f"{msg}.{hint} Saved the SAE in {run_dir}; continue with "
@@ -509,13 +515,12 @@ def run(argv: list[str]) -> str:
     finally:
         signal.signal(signal.SIGINT, previous_handler)
     if stop_requested:
-        save_checkpoint(checkpoint_path, sae, state, cfg, buffer, run_dir)
-        save_outputs()
+        save_for_resume()
         print(f"Interrupted at step {state.step}. Continue with `python train.py --resume={checkpoint_path}`.")
         return run_dir
 
     # --- final evaluation and outputs
-    metrics = on_eval(sae, state)
+    metrics = measure()                         # saved once, below, with the metrics
     metrics.update(steps=state.step, tokens=state.step * cfg.batch_size, model=cfg.model,
                    dataset=cfg.dataset, layer=cfg.layer)
     density, n_tokens = state.density()
