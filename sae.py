@@ -108,18 +108,24 @@ def geometric_median(points: torch.Tensor, max_iter: int = 100, tol: float = 1e-
     points that would drag the mean, which is why the post initialised b_dec
     with it: the SAE starts centred on the bulk of the activations.
     """
-    median = points.mean(0)                              # [d]
-    objective = (points - median).norm(dim=-1).sum()
+    median = points.mean(0)                                         # [d]
+    distances = distances_to(points, median)                        # [n]
     for _ in range(max_iter):
         # eps guards a point that coincides with the estimate (distance 0, weight inf)
-        weights = 1 / (points - median).norm(dim=-1).clamp_min(eps)   # [n]
-        median = (weights[:, None] * points).sum(0) / weights.sum()
-        new_objective = (points - median).norm(dim=-1).sum()
-        converged = (objective - new_objective).abs() < tol * objective
-        objective = new_objective
+        weights = 1 / distances.clamp_min(eps)                      # [n]
+        median = weights @ points / weights.sum()
+        new_distances = distances_to(points, median)
+        converged = (distances.sum() - new_distances.sum()).abs() < tol * distances.sum()
+        distances = new_distances
         if converged:
             break
     return median
+
+
+def distances_to(points: torch.Tensor, m: torch.Tensor, chunk: int = 65536) -> torch.Tensor:
+    """||x_i - m|| for points [n, d], a chunk of rows at a time: points - m whole
+    would be a second copy of the points (0.8 GB for the 262k activations b_dec starts from)."""
+    return torch.cat([(part - m).norm(dim=-1) for part in points.split(chunk)])
 
 
 # -----------------------------------------------------------------------------
@@ -169,7 +175,7 @@ class SAE(nn.Module):
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
         # subtracting b_dec first makes b_dec the SAE's origin: encoder and decoder
         # both work with the activation's offset from it (Towards Monosemanticity)
-        return (x - self.b_dec) @ self.W_enc + self.b_enc     # [batch, d_sae]
+        return torch.addmm(self.b_enc, x - self.b_dec, self.W_enc)    # b_enc + (x - b_dec) @ W_enc: [batch, d_sae]
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return F.relu(self.pre_acts(x))                        # [batch, d_sae]
