@@ -334,10 +334,11 @@ def train(sae: SAE, batches, cfg: Config, state: TrainState | None = None, on_ev
     bar = tqdm(total=cfg.total_steps * cfg.batch_size, initial=state.step * cfg.batch_size,
                unit="tok", unit_scale=True, dynamic_ncols=True)
     while state.step < cfg.total_steps and not stop_requested:
-        x = next(batches).to(sae.W_dec.device)                                   # [batch, d_in]
+        x = next(batches).to(sae.W_dec.device, torch.float32)                    # [batch, d_in]
 
         # --- TRAINING SECTION BEGIN
         dead = state.steps_since_fired >= cfg.dead_window if cfg.ghost_grads else None   # [d_sae]
+        state.optimizer.zero_grad(set_to_none=True)      # now, so last step's gradients are freed first
         # bf16 autocast runs the matmuls in bf16 and keeps fp32 weights and Adam state (README: its cost)
         with torch.autocast(x.device.type, torch.bfloat16, enabled=cfg.dtype == "bfloat16"):
             out = sae(x, dead_mask=dead)
@@ -346,7 +347,6 @@ def train(sae: SAE, batches, cfg: Config, state: TrainState | None = None, on_ev
         lr = cfg.lr * min(1.0, (state.step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
         for group in state.optimizer.param_groups:
             group["lr"] = lr
-        state.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         # order matters: drop the gradient along each decoder row, step, then renormalise
         sae.remove_parallel_decoder_grad()
@@ -368,6 +368,7 @@ def train(sae: SAE, batches, cfg: Config, state: TrainState | None = None, on_ev
         if state.step % 20 == 0 or state.step == cfg.total_steps:
             bar.set_postfix(loss=f"{out.loss.item():.4f}", L0=f"{fires.sum() / len(x):.1f}",
                             dead=f"{(state.steps_since_fired >= cfg.dead_window).float().mean():.1%}")
+        del out                 # frees this step's [batch, d_sae] activations before the next forward
         if on_eval is not None and state.step % cfg.eval_every == 0:
             tqdm.write(format_metrics(state.step, on_eval(sae, state)))
     bar.close()
@@ -463,7 +464,7 @@ def run(argv: list[str]) -> str:
     state = new_state(sae, cfg)
     if ckpt is None:
         run_dir = os.path.join(cfg.out_dir, f"{cfg.model}_L{cfg.layer}_{time.strftime('%Y%m%d-%H%M%S')}")
-        init_b_dec(sae, buffer.sample(262_144), cfg.b_dec_init)   # the release used ~262k activations
+        init_b_dec(sae, buffer.sample(262_144).float(), cfg.b_dec_init)   # the release used ~262k activations
     else:
         run_dir = ckpt["run_dir"]
         sae.load_state_dict(ckpt["sae"])
