@@ -62,7 +62,8 @@ class Config:
     batch_size: int = 4096                     # tokens (activations) per SAE step
     total_tokens: int = 300_000_000            # the post: 300M OpenWebText tokens
     seed: int = 0                              # SAE init and buffer shuffling
-    dtype: str = "float32"                     # float32 | bfloat16 (autocast for the SAE step; weights stay fp32)
+    dtype: str = "auto"                        # float32 | bfloat16 (autocast; weights and Adam stay fp32) | auto:
+                                               #   bf16 where the hardware has it (train.py; README: no quality cost)
     # the activation buffer
     buffer_contexts: int = 4096                # 4096 x 127 non-BOS tokens = ~520k activations
     model_batch: int = 32                      # contexts per language-model forward pass

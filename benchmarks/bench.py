@@ -1,7 +1,7 @@
 """
 How fast is the SAE step and the activation pipeline on this machine, and how close to its limit?
 
-    python benchmarks/bench.py               # everything (~6 minutes on 2 CPU cores)
+    python benchmarks/bench.py               # everything (~15 minutes on 2 CPU cores)
     python benchmarks/bench.py --quick       # fewer repeats, no end-to-end run
     python benchmarks/bench.py --help
 
@@ -204,11 +204,12 @@ def end_to_end_child(argv: list[str]):
         print(f"  {name:30s} {t:7.1f} s  {t / total:5.1%}")
 
 
-def end_to_end(tokens: int, out_dir: str):
+def end_to_end(tokens: int, out_dir: str, dtypes: list[str]):
     # the post's shapes: expansion 32 (d_sae 24,576), 4,096-token batches, a ~520k-activation buffer
-    argv = ["2", "--preset=post", f"--total_tokens={tokens}", f"--out_dir={out_dir}", "--model=gpt2-random",
-            "--eval_every=1000000", "--eval_contexts=16"]
-    subprocess.run([sys.executable, __file__, "--e2e-child", *argv], check=True)
+    for dtype in dtypes:
+        argv = ["2", "--preset=post", f"--dtype={dtype}", f"--total_tokens={tokens}", f"--out_dir={out_dir}",
+                "--model=gpt2-random", "--eval_every=1000000", "--eval_contexts=16"]
+        subprocess.run([sys.executable, __file__, "--e2e-child", *argv], check=True)
 
 
 def main():
@@ -217,7 +218,8 @@ def main():
     p.add_argument("--batch", type=int, default=4096)
     p.add_argument("--d_in", type=int, default=768)
     p.add_argument("--d_sae", type=int, default=24576)
-    p.add_argument("--e2e_tokens", type=int, default=20 * 4096, help="tokens for the end-to-end run")
+    p.add_argument("--e2e_tokens", type=int, default=20 * 4096, help="tokens for each end-to-end run")
+    p.add_argument("--e2e_dtypes", default="float32,bfloat16", help="an end-to-end run for each")
     p.add_argument("--out_dir", default="/tmp/sae-bench-runs")
     p.add_argument("--quick", action="store_true", help="1 repeat, no end-to-end run")
     p.add_argument("--e2e-child", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
@@ -230,7 +232,7 @@ def main():
     steps(args.batch, args.d_in, args.d_sae, limit, repeats)
     activations(repeats)
     if not args.quick:
-        end_to_end(args.e2e_tokens, args.out_dir)
+        end_to_end(args.e2e_tokens, args.out_dir, args.e2e_dtypes.split(","))
 
 
 if __name__ == "__main__":
