@@ -439,10 +439,10 @@ class EvalSet(NamedTuple):
 
 
 def mean_ce(model, resid: torch.Tensor, tokens: torch.Tensor, layer: int, keep: torch.Tensor,
-            chunk: int = 16) -> float:
+            chunk: int = 4) -> float:
     """Next-token CE running the model from `layer` on `resid`, scored on non-special targets only.
 
-    Chunked over contexts: the logits of 64 GPT-2 contexts alone would take 1.6 GB.
+    Chunked over contexts: the logits of 64 GPT-2 contexts alone would take 1.6 GB (4: 0.1 GB).
     """
     total = 0.0
     for r, t, k in zip(resid.split(chunk), tokens.split(chunk), keep.split(chunk)):
@@ -474,16 +474,21 @@ def evaluate(sae: SAE, model, ev: EvalSet, layer: int) -> dict:
     ce_recovered = (CE_zero - CE_sae) / (CE_zero - CE_clean): 1 = as good as the clean model.
     """
     x = ev.resid[ev.keep]                                                  # [n, d_in]
-    acts = sae.encode(x)                                                   # [n, d_sae]
-    x_hat = sae.decode(acts)                                               # [n, d_in]
+    x_hat, l0, l1 = [], 0.0, 0.0
+    for part in x.split(1024):        # the acts of 8k tokens x 24,576 features would take 0.8 GB
+        acts = sae.encode(part)                                            # [1024, d_sae]
+        x_hat.append(sae.decode(acts))                                     # [1024, d_in]
+        l0 += (acts > 0).sum().item()
+        l1 += acts.sum().item()
+    x_hat = torch.cat(x_hat)                                               # [n, d_in]
     ev_ratio = ((x - x_hat) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
     spliced = ev.resid.clone()
     spliced[ev.keep] = x_hat.to(spliced.dtype)
     ce_sae = mean_ce(model, spliced, ev.tokens, layer, ev.keep)
     return {
         "explained_variance": 1 - ev_ratio.item(),
-        "l0": (acts > 0).float().sum(-1).mean().item(),
-        "l1": acts.sum(-1).mean().item(),
+        "l0": l0 / len(x),
+        "l1": l1 / len(x),
         "ce_clean": ev.ce_clean,
         "ce_sae": ce_sae,
         "ce_zero": ev.ce_zero,

@@ -197,11 +197,21 @@ def end_to_end_child(argv: list[str]):
     total = time.perf_counter() - start
     timers["buffer (fill, shuffle)"] -= timers["model forward (activations)"]   # fills include forwards
     timers["SAE steps and the rest"] = total - sum(timers.values())
-    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+    peak_gb = peak_memory_gb()
     print(f"\nend to end: train.py {' '.join(argv)}")
     print(f"  total {total:.0f} s; peak memory (max RSS) {peak_gb:.2f} GB")
     for name, t in timers.items():
         print(f"  {name:30s} {t:7.1f} s  {t / total:5.1%}")
+
+
+def peak_memory_gb() -> float:
+    """This process's peak resident memory. VmHWM, not ru_maxrss: a child started by fork + exec
+    reports the parent's peak in ru_maxrss when it was higher (here: the step benchmarks' 5.8 GB)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1e6
+    except OSError:                                     # not Linux
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
 
 
 def end_to_end(tokens: int, out_dir: str, dtypes: list[str]):
@@ -222,15 +232,17 @@ def main():
     p.add_argument("--e2e_dtypes", default="float32,bfloat16", help="an end-to-end run for each")
     p.add_argument("--out_dir", default="/tmp/sae-bench-runs")
     p.add_argument("--quick", action="store_true", help="1 repeat, no end-to-end run")
+    p.add_argument("--e2e_only", action="store_true", help="only the end-to-end runs")
     p.add_argument("--e2e-child", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.e2e_child is not None:
         return end_to_end_child(args.e2e_child)
     repeats = 1 if args.quick else args.repeats
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device cpu")
-    limit = matmul_limits(args.batch, args.d_in, args.d_sae, repeats)
-    steps(args.batch, args.d_in, args.d_sae, limit, repeats)
-    activations(repeats)
+    if not args.e2e_only:
+        limit = matmul_limits(args.batch, args.d_in, args.d_sae, repeats)
+        steps(args.batch, args.d_in, args.d_sae, limit, repeats)
+        activations(repeats)
     if not args.quick:
         end_to_end(args.e2e_tokens, args.out_dir, args.e2e_dtypes.split(","))
 
