@@ -157,6 +157,20 @@ def test_ghost_loss_gradient_reaches_only_dead_features_and_matches_mse_size():
     assert sae.W_dec.grad[~dead].abs().max() == 0
 
 
+def test_ghost_loss_is_given_the_dead_features_pre_activations(monkeypatch):
+    """forward() recomputes the dead features' pre-activations from their own W_enc columns (to spare
+    memory); they must be exactly the dead columns of the full pre-activations h."""
+    import sae as sae_module
+    sae, x = small_sae(), torch.randn(32, 8)
+    dead = torch.zeros(16, dtype=torch.bool)
+    dead[[0, 7, 15]] = True
+    seen = []
+    correct = sae_module.ghost_grad_loss
+    monkeypatch.setattr(sae_module, "ghost_grad_loss", lambda h, *a: seen.append(h) or correct(h, *a))
+    sae(x, dead_mask=dead)
+    assert torch.allclose(seen[0], sae.pre_acts(x)[:, dead], atol=1e-6)
+
+
 def test_exp_of_pre_activation_revives_dead_features_but_exp_relu_does_not():
     """The 2024 bug: for a dead feature (h < 0 everywhere) exp(relu(h)) = 1 is constant, so the
     encoder gets zero gradient; exp(h), the correct version, gives it a non-zero gradient."""
