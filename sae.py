@@ -242,8 +242,9 @@ class SAE(nn.Module):
             with open(os.path.join(folder, "cfg.json")) as f:
                 cfg = json.load(f)
             weights = load_file(os.path.join(folder, "sae_weights.safetensors"))
-            sae = cls(cfg["d_in"], cfg["d_sae"], cfg.get("l1_coefficient", 8e-5))
-            sae.load_state_dict(weights)
+            with torch.device("meta"):           # shapes only: no random init that is overwritten at once
+                sae = cls(cfg["d_in"], cfg["d_sae"], cfg.get("l1_coefficient", 8e-5))
+            sae.load_state_dict(weights, assign=True)
         except FileNotFoundError as e:
             raise ValueError(f"{folder} is not an SAE folder: {e.filename} is missing.") from None
         except Exception as e:
