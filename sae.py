@@ -111,13 +111,15 @@ def geometric_median(points: torch.Tensor, max_iter: int = 100, tol: float = 1e-
     """
     median = points.mean(0)                                         # [d]
     distances = distances_to(points, median)                        # [n]
+    objective = distances.sum()
     for _ in range(max_iter):
         # eps guards a point that coincides with the estimate (distance 0, weight inf)
         weights = 1 / distances.clamp_min(eps)                      # [n]
         median = weights @ points / weights.sum()
-        new_distances = distances_to(points, median)
-        converged = (distances.sum() - new_distances.sum()).abs() < tol * distances.sum()
-        distances = new_distances
+        distances = distances_to(points, median)
+        new_objective = distances.sum()
+        converged = (objective - new_objective).abs() < tol * objective
+        objective = new_objective
         if converged:
             break
     return median

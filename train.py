@@ -353,7 +353,8 @@ def train(sae: SAE, batches, cfg: Config, state: TrainState | None = None, on_ev
         # --- TRAINING SECTION BEGIN
         dead = state.steps_since_fired >= cfg.dead_window if cfg.ghost_grads else None   # [d_sae]
         state.optimizer.zero_grad(set_to_none=True)      # now, so last step's gradients are freed first
-        # bf16 autocast runs the matmuls in bf16 and keeps fp32 weights and Adam state (README: its cost)
+        # bf16 autocast runs the matmuls in bf16 and keeps fp32 weights and Adam state (README: its cost);
+        # run() resolves --dtype=auto before this, and an unresolved "auto" here trains in fp32
         with torch.autocast(x.device.type, torch.bfloat16, enabled=cfg.dtype == "bfloat16"):
             out = sae(x, dead_mask=dead)
         if not torch.isfinite(out.loss):
