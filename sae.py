@@ -8,20 +8,21 @@ mistakes fixed.
 
     loss  = MSE(x_hat, x) + l1_coeff * sum_i f_i(x) + ghost loss (dead features only)
 
-This file holds, in the order they depend on each other:
+This file holds, each part above the parts that use it:
   Config            the hyperparameters, defaults = the post's recipe
   geometric_median  Weiszfeld's algorithm, used to initialise b_dec
-  SAE               the model, its loss, the unit-norm decoder, save / load
   ghost_grad_loss   ghost gradients (Anthropic, Jan 2024), with exp(h) not exp(relu(h))
+  SAE               the model, its loss, the unit-norm decoder, save / load
   token contexts, activations and the shuffling ActivationBuffer
-  evaluation        explained variance, L0, CE loss recovered, feature density
+  evaluation        explained variance, L0, CE loss recovered, KL, shrinkage, feature density
 
 References
-  - Joseph Bloom, "Open Source Sparse Autoencoders for all Residual Stream Layers
-    of GPT2-Small", LessWrong / AF, Feb 2024 (the recipe reproduced here).
-  - Bricken et al., "Towards Monosemanticity", Anthropic 2023 (the SAE, tied b_dec).
-  - Anthropic circuits updates, Jan 2024 (ghost grads) and Apr 2024 (W_enc init).
-  - ../shared/METHOD.md of this project states every formula used below.
+  - J. Bloom, "Open Source Sparse Autoencoders for all Residual Stream Layers of
+    GPT2-Small", LessWrong, Feb 2024: the recipe reproduced here.
+  - Bricken et al., "Towards Monosemanticity", Anthropic 2023: the SAE, the tied b_dec.
+  - Anthropic circuits updates, Jan 2024 (ghost grads) and Apr 2024 (W_enc = W_dec^T init).
+  - Rajamanoharan et al., "Improving Dictionary Learning with Gated SAEs", 2024 (eq. 10:
+    relative reconstruction bias); Karvonen et al., "SAEBench", 2025 (the core metrics).
 
 Importing this file has no side effects. To train: `python train.py 2`.
 """
@@ -43,13 +44,13 @@ from safetensors.torch import load_file, save_file
 
 @dataclass
 class Config:
-    preset: str = "auto"                       # auto | post | cpu: auto = cpu without a GPU (see train.py)
+    preset: str = "auto"                       # auto | post | cpu: sizes the run (auto = cpu without a GPU)
     # what to train on
     model: str = "gpt2"                        # TransformerLens name ("gpt2"), or "smollm2-135m" (offline)
-    dataset: str = "Skylion007/openwebtext"    # hub dataset, "python-stdlib" (offline), or a local file / folder
+    dataset: str = "auto"                      # hub name, local folder or file, "python-stdlib"; auto: see train.py
     layer: int = 2                             # hook blocks.{layer}.hook_resid_pre; set by `train.py LAYER`
     context_size: int = 128                    # tokens per context (BOS included)
-    exclude_bos: bool = True                   # leave BOS rows out of the buffer (the release kept them)
+    exclude_special_tokens: bool = True        # leave BOS/EOS/padding rows out of the buffer (the release kept BOS)
     # the SAE
     expansion: int = 32                        # d_sae = expansion * d_in: 24,576 for GPT-2 small
     l1_coeff: float = 8e-5                     # the post; matches the MSE normalisation in SAE.forward
@@ -58,17 +59,16 @@ class Config:
     dead_window: int = 5000                    # steps without firing before a feature counts as dead
     # optimisation
     lr: float = 4e-4                           # Adam, constant after warmup
-    warmup_steps: int = 5000                   # linear LR warmup from ~0 (the post: 5000)
+    warmup_steps: int = 5000                   # linear LR warmup from ~0 (the post: 5000 of 73,242 steps)
     batch_size: int = 4096                     # tokens (activations) per SAE step
     total_tokens: int = 300_000_000            # the post: 300M OpenWebText tokens
     seed: int = 0                              # SAE init and buffer shuffling
-    dtype: str = "auto"                        # float32 | bfloat16 (autocast; weights and Adam stay fp32) | auto:
-                                               #   bf16 where the hardware has it (train.py; README: no quality cost)
+    precision: str = "auto"                    # float32 | bfloat16 (autocast; weights and Adam stay fp32) | auto
     # the activation buffer
     buffer_contexts: int = 4096                # 4096 x 127 non-BOS tokens = ~520k activations
     model_batch: int = 32                      # contexts per language-model forward pass
     # evaluation
-    eval_every: int = 2000                     # steps between evaluation lines
+    eval_every: int = 2000                     # steps between evaluations (and resumable checkpoints)
     eval_contexts: int = 64                    # held-out contexts for EV, L0 and CE (never trained on)
     density_tokens: int = 1_000_000            # feature density measured over at least this many tokens
     out_dir: str = "runs"                      # run folders are written under here
@@ -88,7 +88,7 @@ class Config:
 
     @property
     def buffer_size(self) -> int:
-        return self.buffer_contexts * (self.context_size - int(self.exclude_bos))
+        return self.buffer_contexts * (self.context_size - int(self.exclude_special_tokens))
 
     @classmethod
     def field_types(cls) -> dict:
@@ -99,15 +99,23 @@ class Config:
 # Geometric median (Weiszfeld), to initialise b_dec
 
 
+def distances_to(points: torch.Tensor, m: torch.Tensor, chunk: int = 65536) -> torch.Tensor:
+    """||x_i - m|| for points [n, d], a chunk of rows at a time: points - m whole
+    would be a second copy of the points (0.8 GB for the 262k activations b_dec starts from)."""
+    return torch.cat([(part - m).norm(dim=-1) for part in points.split(chunk)])
+
+
 @torch.no_grad()
-def geometric_median(points: torch.Tensor, max_iter: int = 100, tol: float = 1e-5,
+def geometric_median(points: torch.Tensor, max_iter: int = 100, tol: float = 1e-6,
                      eps: float = 1e-6) -> torch.Tensor:
     """The point m minimising sum_i ||x_i - m||, for points [n, d].
 
-    Weiszfeld's algorithm: repeatedly take the average of the points weighted by
-    1 / distance to the current estimate. The median ignores a few far-away
-    points that would drag the mean, which is why the post initialised b_dec
-    with it: the SAE starts centred on the bulk of the activations.
+    Weiszfeld's algorithm (1937): repeatedly take the average of the points weighted
+    by 1 / distance to the current estimate. At the minimum the unit vectors from m
+    to the points sum to zero, which is the fixed point of this update. The median
+    ignores a few far-away points that would drag the mean, which is why the post
+    initialised b_dec with it: the SAE starts centred on the bulk of the activations.
+    Stops when the objective improves by less than tol (relative) in one iteration.
     """
     median = points.mean(0)                                         # [d]
     distances = distances_to(points, median)                        # [n]
@@ -125,10 +133,47 @@ def geometric_median(points: torch.Tensor, max_iter: int = 100, tol: float = 1e-
     return median
 
 
-def distances_to(points: torch.Tensor, m: torch.Tensor, chunk: int = 65536) -> torch.Tensor:
-    """||x_i - m|| for points [n, d], a chunk of rows at a time: points - m whole
-    would be a second copy of the points (0.8 GB for the 262k activations b_dec starts from)."""
-    return torch.cat([(part - m).norm(dim=-1) for part in points.split(chunk)])
+# -----------------------------------------------------------------------------
+# The loss: reconstruction and ghost gradients
+
+
+def normalized_mse(x_hat: torch.Tensor, x: torch.Tensor, x_centred_norm: torch.Tensor) -> torch.Tensor:
+    """Squared error of each element divided by the norm ||x_t - mean(x)|| of its token, averaged.
+
+    This is the release's normalisation (per token by the centred norm, not its
+    square), which is what makes l1_coeff = 8e-5 the right size. Dividing by a
+    norm makes the loss comparable across layers whose residual norms differ.
+    """
+    return ((x_hat - x) ** 2 / x_centred_norm[:, None]).mean()
+
+
+def ghost_output(pre_acts: torch.Tensor, W_dec: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """What the dead features would write if exp replaced ReLU, at half the residual's norm: [batch, d_in].
+
+    pre_acts [batch, n_dead] and W_dec [n_dead, d_in] are the dead features' own;
+    residual [batch, d_in] = x - x_hat, detached (it is the target, not a path).
+    exp(h) > 0 for any h and its derivative exp(h) is non-zero, so a feature that
+    never fires still learns where raising h would reduce the residual. The 2024
+    release used exp(relu(h)): for a dead feature h < 0, relu(h) = 0, exp(0) = 1 is
+    constant, and the encoder gets no gradient at all. The scale (half the residual's
+    norm, Anthropic's choice: enough to matter, not enough to overshoot) is a
+    detached constant, so only the direction of the ghost output is learned.
+    """
+    out = torch.exp(pre_acts) @ W_dec                                          # [batch, d_in]
+    scale = residual.norm(dim=-1, keepdim=True) / (2 * out.norm(dim=-1, keepdim=True) + 1e-6)
+    return out * scale.detach()
+
+
+def ghost_grad_loss(pre_acts: torch.Tensor, W_dec: torch.Tensor, residual: torch.Tensor,
+                    mse_loss: torch.Tensor, x_centred_norm: torch.Tensor) -> torch.Tensor:
+    """Ghost gradients (Anthropic, Jan 2024): an extra loss that teaches dead features to explain the residual.
+
+    The ghost output's MSE against the residual, rescaled by one detached scalar to
+    the size of the reconstruction loss, so that it neither dominates nor vanishes.
+    """
+    residual = residual.detach()
+    ghost_mse = normalized_mse(ghost_output(pre_acts, W_dec, residual), residual, x_centred_norm)
+    return ghost_mse * (mse_loss / (ghost_mse + 1e-6)).detach()
 
 
 # -----------------------------------------------------------------------------
@@ -142,16 +187,6 @@ class SAEOutput(NamedTuple):
     mse_loss: torch.Tensor    # scalar
     l1_loss: torch.Tensor     # scalar, already multiplied by l1_coeff
     ghost_loss: torch.Tensor  # scalar, 0 when no feature is dead
-
-
-def normalized_mse(x_hat: torch.Tensor, x: torch.Tensor, x_centred_norm: torch.Tensor) -> torch.Tensor:
-    """Squared error of each element divided by the norm ||x_t - mean(x)|| of its token, averaged.
-
-    This is the release's normalisation (per token by the centred norm, not its
-    square), which is what makes l1_coeff = 8e-5 the right size. Dividing by a
-    norm makes the loss comparable across layers whose residual norms differ.
-    """
-    return ((x_hat - x) ** 2 / x_centred_norm[:, None]).mean()
 
 
 class SAE(nn.Module):
@@ -176,9 +211,9 @@ class SAE(nn.Module):
         self.b_dec = nn.Parameter(torch.zeros(d_in))           # [d_in]
 
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
-        # subtracting b_dec first makes b_dec the SAE's origin: encoder and decoder
-        # both work with the activation's offset from it (Towards Monosemanticity)
-        return torch.addmm(self.b_enc, x - self.b_dec, self.W_enc)    # b_enc + (x - b_dec) @ W_enc: [batch, d_sae]
+        """b_enc + (x - b_dec) @ W_enc: [batch, d_sae]. Subtracting b_dec first makes it the SAE's
+        origin: encoder and decoder both work with the offset from it (Towards Monosemanticity)."""
+        return torch.addmm(self.b_enc, x - self.b_dec, self.W_enc)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return F.relu(self.pre_acts(x))                        # [batch, d_sae]
@@ -188,10 +223,9 @@ class SAE(nn.Module):
 
     def forward(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None) -> SAEOutput:
         """x [batch, d_in]; dead_mask [d_sae] bool marks the features that get ghost gradients."""
-        h = self.pre_acts(x)                                   # [batch, d_sae]
-        acts = F.relu(h)                                       # [batch, d_sae]
+        acts = F.relu(self.pre_acts(x))                        # [batch, d_sae]
         # L1 before decoding, on purpose: autograd then adds the L1 gradient into the decoder's
-        # gradient in place; the other order allocates one more [batch, d_sae] tensor (400 MB)
+        # gradient in place; the other order allocates one more [batch, d_sae] tensor
         l1_loss = self.l1_coeff * acts.sum(-1).mean()          # acts >= 0, so sum = L1 norm
         x_hat = self.decode(acts)                              # [batch, d_in]
 
@@ -199,8 +233,8 @@ class SAE(nn.Module):
         mse_loss = normalized_mse(x_hat, x, x_centred_norm)
         ghost_loss = torch.zeros((), device=x.device)
         if self.training and dead_mask is not None and dead_mask.any():
-            # the dead features' pre-activations, recomputed from their own columns of W_enc
-            # (h[:, dead_mask] is the same numbers, but its gradient is a [batch, d_sae] tensor)
+            # the dead features' pre-activations, from their own columns of W_enc: the same
+            # numbers as pre_acts[:, dead_mask], without a [batch, d_sae] gradient behind them
             dead_pre_acts = torch.addmm(self.b_enc[dead_mask], x - self.b_dec, self.W_enc[:, dead_mask])
             ghost_loss = ghost_grad_loss(dead_pre_acts, self.W_dec[dead_mask], x - x_hat, mse_loss, x_centred_norm)
         loss = mse_loss + l1_loss + ghost_loss
@@ -234,7 +268,8 @@ class SAE(nn.Module):
         if log10_density is not None:
             sparsity = {"sparsity": log10_density.float().cpu().contiguous()}
             atomic_write(os.path.join(folder, "sparsity.safetensors"), lambda p: save_file(sparsity, p))
-        cfg = {**cfg_dict, "d_in": self.d_in, "d_sae": self.d_sae, "l1_coefficient": self.l1_coeff}
+        cfg = {**cfg_dict, "d_in": self.d_in, "d_sae": self.d_sae, "l1_coefficient": self.l1_coeff,
+               "dtype": "float32"}               # the dtype of the saved weights (loaders read it so)
         atomic_write(os.path.join(folder, "cfg.json"), lambda p: write_json(cfg, p))
 
     @classmethod
@@ -246,7 +281,7 @@ class SAE(nn.Module):
             weights = load_file(os.path.join(folder, "sae_weights.safetensors"))
             with torch.device("meta"):           # shapes only: no random init that is overwritten at once
                 sae = cls(cfg["d_in"], cfg["d_sae"], cfg.get("l1_coefficient", 8e-5))
-            sae.load_state_dict(weights, assign=True)
+            sae.load_state_dict({k: v.float() for k, v in weights.items()}, assign=True)
         except FileNotFoundError as e:
             raise ValueError(f"{folder} is not an SAE folder: {e.filename} is missing.") from None
         except Exception as e:
@@ -255,51 +290,8 @@ class SAE(nn.Module):
         return sae
 
 
-def write_json(obj: dict, path: str):
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2)
-
-
-def atomic_write(path: str, write):
-    """write(tmp_path), then rename over path: a crash never leaves half a file behind."""
-    tmp = path + ".tmp"
-    write(tmp)
-    os.replace(tmp, path)
-
-
 # -----------------------------------------------------------------------------
-# Ghost gradients
-
-
-def ghost_grad_loss(dead_pre_acts: torch.Tensor, W_dec_dead: torch.Tensor, residual: torch.Tensor,
-                    mse_loss: torch.Tensor, x_centred_norm: torch.Tensor) -> torch.Tensor:
-    """An extra loss that gives dead features a gradient towards explaining the residual.
-
-    dead_pre_acts [batch, n_dead]: pre-activations h of the dead features.
-    W_dec_dead [n_dead, d_in]; residual [batch, d_in] = x - x_hat; mse_loss: the SAE's MSE.
-
-    A dead feature never fires, so ReLU blocks every gradient to it. Ghost grads
-    pass its pre-activation through exp instead: exp(h) > 0 for any h, and its
-    derivative exp(h) is non-zero, so the encoder learns to raise h where the
-    feature's decoder direction would reduce the residual. The 2024 release used
-    exp(relu(h)): for a dead feature h < 0, relu(h) = 0, exp(0) = 1 is constant,
-    and the encoder gets no gradient at all, which defeats the purpose.
-    """
-    ghost_out = torch.exp(dead_pre_acts) @ W_dec_dead                     # [batch, d_in]
-    # put the ghost output at half the residual's norm: large enough to matter,
-    # small enough not to overshoot (the 1/2 is Anthropic's choice). The scale
-    # is a detached constant: only the direction of ghost_out is learned.
-    residual = residual.detach()                                         # the target, not a path
-    scale = residual.norm(dim=-1, keepdim=True) / (2 * ghost_out.norm(dim=-1, keepdim=True) + 1e-6)
-    ghost_out = ghost_out * scale.detach()
-    ghost_mse = normalized_mse(ghost_out, residual, x_centred_norm)
-    # rescale to the size of the reconstruction loss, so ghost grads neither
-    # dominate nor vanish (one scalar factor, detached: it sets size, not direction)
-    return ghost_mse * (mse_loss / (ghost_mse + 1e-6)).detach()
-
-
-# -----------------------------------------------------------------------------
-# Data: text -> token contexts -> activations -> shuffled batches
+# Data: documents -> token contexts -> activations -> shuffled batches
 
 
 def special_token_ids(tokenizer) -> list[int]:
@@ -312,24 +304,27 @@ def is_special(tokens: torch.Tensor, special_ids: list[int]) -> torch.Tensor:
     return torch.isin(tokens, torch.tensor(special_ids, device=tokens.device))
 
 
-def token_contexts(texts: Iterable[str], tokenizer, context_size: int, n_contexts: int,
+def token_contexts(docs: Iterable[str | list[int]], tokenizer, context_size: int, n_contexts: int,
                    docs_per_call: int = 64) -> Iterator[torch.Tensor]:
     """Yield [n_contexts, context_size] token batches cut from a stream of documents.
 
-    Each document is prefixed with BOS and the documents are concatenated; the
-    stream is cut into pieces of context_size - 1 tokens and each piece gets a
-    BOS in front, so position 0 is always BOS (GPT-2's first position is special
-    whatever its token, so it is best left to a token we exclude anyway).
+    A document is a string (tokenized here) or a list of token ids (a pre-tokenized
+    dataset's row). Each is prefixed with BOS and the documents are concatenated; the
+    stream is cut into pieces of context_size - 1 tokens and each piece gets a BOS in
+    front, so position 0 is always BOS (GPT-2's first position is special whatever its
+    token, so it is best left to a token we exclude anyway).
     """
     bos = tokenizer.bos_token_id
     stream, contexts = [], []
-    texts = iter(texts)
+    docs = iter(docs)
     while True:
-        docs = [text for _, text in zip(range(docs_per_call), texts)]      # tokenizing many at once is faster
-        if not docs:
+        batch = [doc for _, doc in zip(range(docs_per_call), docs)]        # tokenizing many at once is faster
+        if not batch:
             return                                                          # the corpus ended
-        for ids in tokenizer(docs, add_special_tokens=False)["input_ids"]:
-            stream.extend([bos] + ids)
+        texts = [d for d in batch if isinstance(d, str)]
+        tokenized = iter(tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
+        for doc in batch:
+            stream.extend([bos] + list(next(tokenized) if isinstance(doc, str) else doc))
         while len(stream) >= context_size - 1:
             contexts.append([bos] + stream[:context_size - 1])
             del stream[:context_size - 1]
@@ -346,10 +341,9 @@ def activation_chunks(model, contexts: Iterable[torch.Tensor], layer: int, speci
     model(tokens, stop_at_layer=layer) runs the embedding and blocks 0..layer-1
     only and returns the residual stream entering block `layer`: exactly
     blocks.{layer}.hook_resid_pre, without the wasted work of the later blocks.
-    bf16=True runs those blocks under bf16 autocast (~2x faster on a CPU,
-    activations within ~0.4% of fp32 for SmolLM2 layer 2) and returns bf16 rows:
-    rounding them adds an error the size of the one the bf16 matmuls already made,
-    and halves the buffer (0.8 GB instead of 1.6 GB for the post's 520k activations).
+    bf16=True runs those blocks under bf16 autocast and returns bf16 rows: rounding
+    them adds an error the size of the one the bf16 matmuls already made, and halves
+    the buffer (0.8 GB instead of 1.6 GB for the post's 520k activations).
     """
     device = next(model.parameters()).device
     for tokens in contexts:
@@ -432,51 +426,64 @@ class ActivationBuffer:
 # Evaluation
 
 
-class EvalSet(NamedTuple):
-    """Held-out contexts with what does not depend on the SAE computed once."""
+class HeldOut(NamedTuple):
+    """Held-out contexts (never trained on), with what does not depend on the SAE computed once."""
     tokens: torch.Tensor      # [batch, pos]
     resid: torch.Tensor       # [batch, pos, d_in] at the hook
     keep: torch.Tensor        # [batch, pos] bool: non-special positions
     ce_clean: float           # CE of the unmodified model
     ce_zero: float            # CE with the hook's activations zeroed at non-special positions
+    kl_zero: float            # KL(clean || zero-ablated) per scored token
 
 
-def mean_ce(model, resid: torch.Tensor, tokens: torch.Tensor, layer: int, keep: torch.Tensor,
-            chunk: int = 4) -> float:
-    """Next-token CE running the model from `layer` on `resid`, scored on non-special targets only.
+def model_losses(model, resid: torch.Tensor, tokens: torch.Tensor, layer: int, keep: torch.Tensor,
+                 clean_resid: torch.Tensor | None = None, chunk: int = 4) -> tuple[float, float]:
+    """(CE, KL): the model run from `layer` on `resid`, scored on non-special next-token targets only.
 
+    CE is the mean next-token loss. KL is the mean KL(clean || this) of the next-token
+    distributions, against the model run on clean_resid (nan if None: it costs a second pass).
     Chunked over contexts: the logits of 64 GPT-2 contexts alone would take 1.6 GB (4: 0.1 GB).
     """
-    total = 0.0
-    for r, t, k in zip(resid.split(chunk), tokens.split(chunk), keep.split(chunk)):
-        ce = model(r, start_at_layer=layer, tokens=t, return_type="loss",
-                   loss_per_token=True)                                     # [batch, pos - 1]
-        total += ce[k[:, 1:]].sum().item()
-    return total / keep[:, 1:].sum().item()
+    ce_sum, kl_sum = 0.0, 0.0
+    for i in range(0, len(tokens), chunk):
+        t, k = tokens[i:i + chunk], keep[i:i + chunk, 1:]                    # score targets 1..pos-1
+        logp = model(resid[i:i + chunk], start_at_layer=layer, tokens=t).log_softmax(-1)[:, :-1]
+        ce_sum += -logp.gather(-1, t[:, 1:, None])[..., 0][k].sum().item()
+        if clean_resid is not None:
+            clean_logp = model(clean_resid[i:i + chunk], start_at_layer=layer, tokens=t).log_softmax(-1)[:, :-1]
+            kl_sum += (clean_logp.exp() * (clean_logp - logp)).sum(-1)[k].sum().item()
+    n = keep[:, 1:].sum().item()
+    return ce_sum / n, (kl_sum / n if clean_resid is not None else float("nan"))
 
 
 @torch.no_grad()
-def make_eval_set(model, tokens: torch.Tensor, layer: int, special_ids: list[int], chunk: int = 16) -> EvalSet:
+def make_held_out(model, tokens: torch.Tensor, layer: int, special_ids: list[int], chunk: int = 16) -> HeldOut:
     """Compute the hook activations and the clean and zero-ablated CE of held-out contexts once."""
     device = next(model.parameters()).device
     tokens = tokens.to(device)
     resid = torch.cat([model(t, stop_at_layer=layer) for t in tokens.split(chunk)]).float()
     keep = ~is_special(tokens, special_ids)
     zeroed = resid * ~keep[..., None]
-    return EvalSet(tokens, resid, keep, mean_ce(model, resid, tokens, layer, keep),
-                   mean_ce(model, zeroed, tokens, layer, keep))
+    ce_clean, _ = model_losses(model, resid, tokens, layer, keep)
+    ce_zero, kl_zero = model_losses(model, zeroed, tokens, layer, keep, clean_resid=resid)
+    return HeldOut(tokens, resid, keep, ce_clean, ce_zero, kl_zero)
 
 
 @torch.no_grad()
-def evaluate(sae: SAE, model, ev: EvalSet, layer: int) -> dict:
-    """The post's metrics, computed correctly (see ../shared/METHOD.md, Evaluation).
+def evaluate(sae: SAE, model, held_out: HeldOut, layer: int, with_kl: bool = True) -> dict:
+    """The post's metrics, computed correctly, and the ones SAE papers compare today (SAEBench's core set).
 
-    explained_variance is centred and pooled over tokens:
+    explained_variance, centred and pooled over tokens (the release forgot to centre):
         1 - sum_t ||x_t - x_hat_t||^2 / sum_t ||x_t - mean(x)||^2
     CE with the SAE splices x_hat in at non-special positions only;
-    ce_recovered = (CE_zero - CE_sae) / (CE_zero - CE_clean): 1 = as good as the clean model.
+        ce_recovered = (CE_zero - CE_sae) / (CE_zero - CE_clean)    1 = as good as the clean model
+        ce_increase  = CE_sae - CE_clean      (zero-ablation is a weak baseline that flatters ce_recovered)
+        kl_score     = 1 - KL(clean || SAE) / KL(clean || zero)     over next-token distributions
+    shrinkage: l2_ratio = mean_t ||x_hat_t|| / ||x_t||, and the relative reconstruction bias
+        E||x_hat||^2 / E[x . x_hat] (Gated SAE paper, eq. 10): 1 = unbiased, < 1 = L1 shrinks the output.
+    with_kl=False skips the KL score, whose clean pass doubles the cost of the CE evaluation.
     """
-    x = ev.resid[ev.keep]                                                  # [n, d_in]
+    x = held_out.resid[held_out.keep]                                      # [n, d_in]
     x_hat, l0, l1 = [], 0.0, 0.0
     for part in x.split(1024):        # the acts of 8k tokens x 24,576 features would take 0.8 GB
         acts = sae.encode(part)                                            # [1024, d_sae]
@@ -484,18 +491,25 @@ def evaluate(sae: SAE, model, ev: EvalSet, layer: int) -> dict:
         l0 += (acts > 0).sum().item()
         l1 += acts.sum().item()
     x_hat = torch.cat(x_hat)                                               # [n, d_in]
-    ev_ratio = ((x - x_hat) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
-    spliced = ev.resid.clone()
-    spliced[ev.keep] = x_hat.to(spliced.dtype)
-    ce_sae = mean_ce(model, spliced, ev.tokens, layer, ev.keep)
+    unexplained = ((x - x_hat) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
+    spliced = held_out.resid.clone()
+    spliced[held_out.keep] = x_hat.to(spliced.dtype)
+    ce_sae, kl_sae = model_losses(model, spliced, held_out.tokens, layer, held_out.keep,
+                                  clean_resid=held_out.resid if with_kl else None)
+    ce_clean, ce_zero = held_out.ce_clean, held_out.ce_zero
     return {
-        "explained_variance": 1 - ev_ratio.item(),
+        "explained_variance": 1 - unexplained.item(),
         "l0": l0 / len(x),
         "l1": l1 / len(x),
-        "ce_clean": ev.ce_clean,
+        "ce_clean": ce_clean,
         "ce_sae": ce_sae,
-        "ce_zero": ev.ce_zero,
-        "ce_recovered": (ev.ce_zero - ce_sae) / (ev.ce_zero - ev.ce_clean),
+        "ce_zero": ce_zero,
+        "ce_recovered": (ce_zero - ce_sae) / (ce_zero - ce_clean),
+        "ce_increase": ce_sae - ce_clean,
+        "kl_score": 1 - kl_sae / held_out.kl_zero,
+        "cosine": F.cosine_similarity(x, x_hat, dim=-1).mean().item(),
+        "l2_ratio": (x_hat.norm(dim=-1) / x.norm(dim=-1)).mean().item(),
+        "relative_reconstruction_bias": ((x_hat ** 2).sum() / (x * x_hat).sum()).item(),
         "eval_tokens": len(x),
     }
 
@@ -518,7 +532,23 @@ def density_histogram(log_density: torch.Tensor, lo: float = -10.0, hi: float = 
     return "\n".join(rows)
 
 
+# -----------------------------------------------------------------------------
+# Files
+
+
 def config_dict(cfg: Config) -> dict:
-    """cfg.json: our fields plus the keys of the released SAEs' cfg.json (for their loaders)."""
+    """cfg.json: our fields plus the keys of the released SAEs' cfg.json (their loaders read these)."""
     return {**asdict(cfg), "model_name": cfg.model, "hook_point": cfg.hook_name,
             "hook_point_layer": cfg.layer, "d_sae": cfg.d_sae, "dataset_path": cfg.dataset}
+
+
+def write_json(obj: dict, path: str):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+
+
+def atomic_write(path: str, write):
+    """write(tmp_path), then rename over path: a crash never leaves half a file behind."""
+    tmp = path + ".tmp"
+    write(tmp)
+    os.replace(tmp, path)

@@ -17,8 +17,9 @@ import torch
 import torch.nn.functional as F
 
 import train as T
+import sources as S
 from sae import (SAE, ActivationBuffer, Config, activation_chunks, evaluate, geometric_median,
-                 ghost_grad_loss, is_special, make_eval_set, mean_ce, normalized_mse, special_token_ids,
+                 ghost_grad_loss, is_special, make_held_out, model_losses, special_token_ids,
                  token_contexts)
 
 # -----------------------------------------------------------------------------
@@ -305,7 +306,7 @@ def test_identity_sae_recovers_all_of_ce_and_zero_ablation_is_worse(tiny_model, 
     """Splicing in an SAE that reconstructs perfectly gives exactly the clean CE (CE recovered 1,
     variance explained 1); zero-ablating the hook raises the CE."""
     tokens = torch.cat(list(token_contexts(make_documents(80), tokenizer, 32, 4))[:2])
-    ev = make_eval_set(tiny_model, tokens, 1, special_token_ids(tokenizer))
+    ev = make_held_out(tiny_model, tokens, 1, special_token_ids(tokenizer))
     m = evaluate(identity_sae(32), tiny_model, ev, 1)
     assert abs(m["ce_sae"] - m["ce_clean"]) < 1e-4 and abs(m["ce_recovered"] - 1) < 1e-3
     assert abs(m["explained_variance"] - 1) < 1e-5
@@ -313,7 +314,7 @@ def test_identity_sae_recovers_all_of_ce_and_zero_ablation_is_worse(tiny_model, 
 
 
 def test_ce_scores_only_non_special_targets(tiny_model, tokenizer):
-    """mean_ce averages the per-token loss over targets that are not BOS/EOS/padding, and nothing else."""
+    """model_losses averages the per-token loss over targets that are not BOS/EOS/padding, and nothing else."""
     tokens = torch.cat(list(token_contexts(make_documents(80), tokenizer, 32, 4))[:2])
     special = special_token_ids(tokenizer)
     keep = ~is_special(tokens, special)
@@ -321,7 +322,7 @@ def test_ce_scores_only_non_special_targets(tiny_model, tokenizer):
     by_hand = per_token[keep[:, 1:]].mean().item()
     everything = per_token.mean().item()
     resid = tiny_model(tokens, stop_at_layer=1)
-    assert abs(mean_ce(tiny_model, resid, tokens, 1, keep) - by_hand) < 1e-4
+    assert abs(model_losses(tiny_model, resid, tokens, 1, keep)[0] - by_hand) < 1e-4
     assert abs(by_hand - everything) > 1e-3                          # the exclusion matters here
 
 
@@ -329,7 +330,7 @@ def test_explained_variance_is_centred(tiny_model, tokenizer):
     """An SAE that always outputs the mean activation explains 0 variance (the release's uncentred
     formula, 1 - sum ||x - x_hat||^2 / sum ||x||^2, would credit it with the mean's share)."""
     tokens = torch.cat(list(token_contexts(make_documents(80), tokenizer, 32, 4))[:2])
-    ev = make_eval_set(tiny_model, tokens, 1, special_token_ids(tokenizer))
+    ev = make_held_out(tiny_model, tokens, 1, special_token_ids(tokenizer))
     x = ev.resid[ev.keep]
     sae = SAE(32, 64)
     with torch.no_grad():
@@ -449,15 +450,14 @@ def test_command_line_refuses_bad_input_with_one_sentence():
     """Unknown options, bad values and a missing layer are refused with a message naming the fix."""
     with pytest.raises(T.UserError, match="Unknown option --lrr; allowed: .*--lr"):
         T.parse_args(["2", "--lrr=1"])
-    with pytest.raises(T.UserError, match="--expansion takes a int"):
+    with pytest.raises(T.UserError, match="--expansion takes an integer"):
         T.parse_args(["2", "--expansion=big"])
     with pytest.raises(T.UserError, match="--ghost_grads takes True or False"):
         T.parse_args(["2", "--ghost_grads=maybe"])
     with pytest.raises(T.UserError, match="Say which layer"):
         T.parse_args(["--lr=1e-3"])
-    cfg, explicit, _ = T.parse_args(["3", "--total_tokens=2_000_000", "--ghost_grads=False"])
-    assert (cfg.layer, cfg.total_tokens, cfg.ghost_grads) == (3, 2_000_000, False)
-    assert explicit == {"layer", "total_tokens", "ghost_grads"}
+    flags, _ = T.parse_args(["3", "--total_tokens=2_000_000", "--ghost_grads=False"])
+    assert flags == {"layer": 3, "total_tokens": 2_000_000, "ghost_grads": False}
 
 
 TINY_RUN = ["--expansion=2", "--batch_size=256", "--total_tokens=15360", "--buffer_contexts=24",
@@ -468,8 +468,8 @@ TINY_RUN = ["--expansion=2", "--batch_size=256", "--total_tokens=15360", "--buff
 @pytest.fixture
 def offline_tiny(monkeypatch, tiny_model):
     """train.py's main path with the tiny model standing in for the hub download, and no network."""
-    monkeypatch.setattr(T, "load_model", lambda cfg, explicit, online, notes: tiny_model)
-    monkeypatch.setattr(T, "hub_reachable", lambda: False)
+    monkeypatch.setattr(T, "load_model", lambda name, device: tiny_model)
+    monkeypatch.setattr(T, "hub_status", lambda: (False, "no network in tests"))
 
 
 def test_main_path_trains_and_writes_the_released_layout(offline_tiny, corpus, tmp_path, capsys):
@@ -527,11 +527,10 @@ def test_bad_layer_and_corrupt_checkpoint_get_one_clear_sentence(offline_tiny, c
 @pytest.fixture(scope="module")
 def smollm2_layer2():
     """SmolLM2-135M with held-out contexts and ~REAL_TOKENS activations of layer 2 from the stdlib corpus."""
-    model = T.load_smollm2()
-    cfg = Config(model="smollm2-135m", dataset="python-stdlib", layer=2, d_in=576)
+    model = S.load_smollm2()
     special = special_token_ids(model.tokenizer)
-    contexts = token_contexts(T.iter_texts(cfg, T.stdlib_files()), model.tokenizer, 128, 16)
-    eval_set = make_eval_set(model, next(contexts), 2, special)
+    contexts = token_contexts(S.documents(S.open_corpus("python-stdlib")), model.tokenizer, 128, 16)
+    eval_set = make_held_out(model, next(contexts), 2, special)
     chunks, n = [], 0
     for chunk in activation_chunks(model, contexts, 2, special):
         chunks.append(chunk)

