@@ -11,9 +11,11 @@ train.py decides which to use and says so in its banner; this file only knows ho
 Every failure a user can cause is raised as a UserError: one sentence, no traceback.
 """
 
+import contextlib
 import difflib
 import glob
 import importlib.util
+import io
 import json
 import os
 import random
@@ -61,7 +63,9 @@ def hub_status(timeout: float = 5.0) -> tuple[bool, str]:
 
     def probe():
         try:
-            urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout).close()
+            # a fresh opener reads the proxy variables now (urlopen's global one keeps the first it saw)
+            opener = urllib.request.build_opener(urllib.request.ProxyHandler())
+            opener.open(urllib.request.Request(url, method="HEAD"), timeout=timeout).close()
             answer["ok"] = True
         except urllib.error.HTTPError:
             answer["ok"] = True                      # the server answered; the status does not matter
@@ -274,11 +278,12 @@ def load_smollm2(device: str = "cpu"):
     from transformer_lens import HookedTransformer, HookedTransformerConfig
     from transformer_lens.pretrained.weight_conversions import convert_llama_weights
     from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
 
     folder, gguf = os.path.split(smollm2_gguf())
-    hf_logging.disable_progress_bar()             # the GGUF conversion bars are not the user's business
-    with warnings.catch_warnings():
+    # the GGUF conversion's progress bar and TransformerLens's device notes are not the user's business:
+    # this model's loading is fixed, so its chatter is dropped (errors still raise)
+    with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()), \
+            contextlib.redirect_stdout(io.StringIO()):
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         tokenizer = load_smollm2_tokenizer()
         hf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
@@ -296,5 +301,4 @@ def load_smollm2(device: str = "cpu"):
         del hf_model                                  # keep one copy of the weights, not two
         model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
         model.load_and_process_state_dict(state_dict, fold_ln=True, center_writing_weights=False)
-    hf_logging.enable_progress_bar()
-    return model.to(device).eval()
+        return model.to(device).eval()

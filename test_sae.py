@@ -8,8 +8,10 @@ a byte-level BPE tokenizer trained here on generated text (see the fixtures).
 """
 
 import json
+import math
 import os
 import random
+import re
 import signal
 
 import pytest
@@ -418,26 +420,32 @@ def test_save_load_round_trip_and_corrupt_files_are_refused(tmp_path):
 
 
 def test_resumed_training_equals_uninterrupted_training(tmp_path):
-    """Stop after k steps, save state to disk, load it and continue: the result is bit-identical."""
+    """Stop after k steps, write train.py's checkpoint (SAE, Adam, counters, buffer), restore it with
+    train.py's own restore() into fresh objects and continue: the result is bit-identical."""
     cfg = synthetic_cfg(total_tokens=256 * 120, warmup_steps=40, dead_window=30)
-    full, _, _ = train_synthetic(cfg)
 
-    true, batches = synthetic_batches()
-    torch.manual_seed(0)
-    sae = SAE(cfg.d_in, cfg.d_sae, cfg.l1_coeff)
-    T.init_b_dec(sae, next(batches), cfg.b_dec_init)
-    state = T.train(sae, batches, synthetic_cfg(total_tokens=256 * 50, warmup_steps=40, dead_window=30))
-    path = tmp_path / "ckpt.pt"
-    torch.save({"sae": sae.state_dict(), "opt": state.optimizer.state_dict(),
-                "state": {k: v for k, v in vars(state).items() if k != "optimizer"}}, path)
-    ckpt = torch.load(path, weights_only=False)
-    resumed = SAE(cfg.d_in, cfg.d_sae, cfg.l1_coeff)
-    resumed.load_state_dict(ckpt["sae"])
+    def start():
+        _, batches = synthetic_batches()
+        chunks = (b for b in batches)
+        torch.manual_seed(0)
+        sae = SAE(cfg.d_in, cfg.d_sae, cfg.l1_coeff)
+        buffer = ActivationBuffer(chunks, size=2048, batch_size=256, seed=0)
+        T.init_b_dec(sae, buffer.sample(1024), cfg.b_dec_init)
+        return sae, buffer, chunks
+
+    full, buffer, _ = start()
+    T.train(full, buffer, cfg)
+
+    sae, buffer, _ = start()
+    state = T.train(sae, buffer, synthetic_cfg(total_tokens=256 * 50, warmup_steps=40, dead_window=30))
+    T.save_checkpoint(str(tmp_path / "ckpt.pt"), sae, state, cfg, buffer, str(tmp_path))
+    resumed, buffer2, chunks2 = start()            # fresh objects; the data stream is replayed to its position
+    ckpt = T.load_checkpoint(str(tmp_path / "ckpt.pt"))
+    for _ in range(ckpt["buffer"]["chunks_read"] - buffer2.chunks_read):
+        next(chunks2)
     state2 = T.new_state(resumed, cfg)
-    state2.optimizer.load_state_dict(ckpt["opt"])
-    for k, v in ckpt["state"].items():
-        setattr(state2, k, v)
-    T.train(resumed, batches, cfg, state2)
+    T.restore(ckpt, resumed, state2, buffer2)
+    T.train(resumed, buffer2, cfg, state2)
     for k, v in full.state_dict().items():
         assert torch.equal(v, resumed.state_dict()[k]), k
 
@@ -462,7 +470,7 @@ def test_command_line_refuses_bad_input_with_one_sentence():
 
 TINY_RUN = ["--expansion=2", "--batch_size=256", "--total_tokens=15360", "--buffer_contexts=24",
             "--model_batch=4", "--context_size=32", "--eval_contexts=8", "--eval_every=20",
-            "--warmup_steps=10", "--dead_window=20", "--density_tokens=4000"]
+            "--warmup_steps=10", "--dead_window=20", "--density_tokens=4000", "--precision=float32"]
 
 
 @pytest.fixture
@@ -518,6 +526,445 @@ def test_bad_layer_and_corrupt_checkpoint_get_one_clear_sentence(offline_tiny, c
     bad.write_bytes(b"\x00garbage")
     with pytest.raises(T.UserError, match="corrupt"):
         T.run([f"--resume={bad}"])
+
+
+# -----------------------------------------------------------------------------
+# how train() wires the parts together (each test runs the real loop and watches it)
+
+
+def watch_optimizer_steps(monkeypatch, check):
+    """Call check() each time any Adam steps, just before the step is applied."""
+    real_step = torch.optim.Adam.step
+
+    def step(self, *args, **kwargs):
+        check(self)
+        return real_step(self, *args, **kwargs)
+    monkeypatch.setattr(torch.optim.Adam, "step", step)
+
+
+def test_optimizer_steps_on_unit_norm_rows_with_orthogonal_gradients_then_renormalises(monkeypatch):
+    """At every optimizer step of train(), each W_dec row has unit norm and its gradient has no
+    component along it; after the last step the rows are unit norm again."""
+    cfg = synthetic_cfg(total_tokens=256 * 30)
+    _, batches = synthetic_batches()
+    torch.manual_seed(0)
+    sae = SAE(cfg.d_in, cfg.d_sae, cfg.l1_coeff)
+    seen = []
+
+    def check(optimizer):
+        norms = sae.W_dec.norm(dim=-1)
+        parallel = (sae.W_dec.grad * sae.W_dec).sum(-1) / sae.W_dec.grad.norm(dim=-1).clamp_min(1e-12)
+        assert (norms - 1).abs().max() < 1e-5, f"decoder rows not unit norm when the optimizer steps: {norms}"
+        assert parallel.abs().max() < 1e-5, "the decoder gradient still has a component along its rows"
+        seen.append(1)
+    watch_optimizer_steps(monkeypatch, check)
+    T.train(sae, batches, cfg)
+    assert len(seen) == 30
+    assert (sae.W_dec.norm(dim=-1) - 1).abs().max() < 1e-5, "rows not renormalised after the last step"
+
+
+def test_learning_rate_follows_the_linear_warmup_then_stays_constant(monkeypatch):
+    """The lr used at step s is lr * min(1, (s + 1) / warmup_steps): ~0 at the start, lr from the
+    end of the warmup on."""
+    cfg = synthetic_cfg(total_tokens=256 * 40, lr=2e-3, warmup_steps=25)
+    _, batches = synthetic_batches()
+    torch.manual_seed(0)
+    sae = SAE(cfg.d_in, cfg.d_sae, cfg.l1_coeff)
+    lrs = []
+    watch_optimizer_steps(monkeypatch, lambda opt: lrs.append(opt.param_groups[0]["lr"]))
+    T.train(sae, batches, cfg)
+    expected = [2e-3 * min(1.0, (s + 1) / 25) for s in range(40)]
+    assert lrs == pytest.approx(expected, rel=1e-9), "the learning rate does not follow the documented ramp"
+
+
+def test_a_killed_feature_gets_ghost_gradients_from_exactly_the_dead_window_on(monkeypatch):
+    """A feature that never fires is declared dead when it has not fired for dead_window steps: the
+    ghost loss includes it from step dead_window (0-based) on, not a step earlier or later; its ghost
+    output has half the norm of the (detached) residual; and its encoder column then gets a gradient."""
+    import sae as sae_module
+    cfg = synthetic_cfg(total_tokens=256 * 14, dead_window=9, warmup_steps=1)
+    _, batches = synthetic_batches()
+    torch.manual_seed(0)
+    sae = SAE(cfg.d_in, cfg.d_sae, cfg.l1_coeff)
+    T.init_b_dec(sae, next(batches), "geometric_median")
+    with torch.no_grad():
+        sae.b_enc[5] = -2.0                      # far enough below zero never to fire, close enough to learn
+        sae.W_enc[:, 5] *= 0.01
+    dead_at_step, ghosts = {}, []
+    real_loss, real_output = sae_module.ghost_grad_loss, sae_module.ghost_output
+
+    def spy_output(pre_acts, W_dec, residual):
+        out = real_output(pre_acts, W_dec, residual)
+        ghosts.append((out.detach(), residual))
+        return out
+
+    step = [0]
+
+    def spy_loss(pre_acts, W_dec, *args):
+        match = (W_dec.detach()[:, None, :] == sae.W_dec.detach()[None]).all(-1)   # [n_dead, d_sae]
+        dead_at_step[step[0]] = match.any(0).nonzero().flatten().tolist()
+        return real_loss(pre_acts, W_dec, *args)
+
+    grads = {}
+
+    def check(optimizer):
+        grads[step[0]] = sae.W_enc.grad[:, 5].abs().sum().item()
+        step[0] += 1
+    monkeypatch.setattr(sae_module, "ghost_grad_loss", spy_loss)
+    monkeypatch.setattr(sae_module, "ghost_output", spy_output)
+    watch_optimizer_steps(monkeypatch, check)
+    T.train(sae, batches, cfg)
+    first = min((s for s, features in dead_at_step.items() if 5 in features), default=None)
+    assert first == cfg.dead_window, f"feature 5 got ghost gradients first at step {first}, not {cfg.dead_window}"
+    assert grads[first - 1] == 0 and grads[first] > 1e-4, "the dead feature's encoder gets no ghost gradient"
+    out, residual = ghosts[0]
+    assert not residual.requires_grad, "the residual target is not detached"
+    ratio = out.norm(dim=-1) / residual.norm(dim=-1)
+    assert torch.allclose(ratio, torch.full_like(ratio, 0.5), rtol=1e-3), "ghost output is not half the residual norm"
+
+
+def test_densities_stay_in_zero_one_and_cover_the_documented_window():
+    """state.density() is a fraction in [0, 1] per feature, measured over between density_tokens and
+    2 x density_tokens of the latest training tokens once the run has them (all of them before)."""
+    cfg = synthetic_cfg(total_tokens=256 * 60, density_tokens=256 * 10, eval_every=1)
+    _, batches = synthetic_batches()
+    torch.manual_seed(0)
+    sae = SAE(cfg.d_in, cfg.d_sae, cfg.l1_coeff)
+    seen = []
+
+    def on_eval(sae, state):
+        density, n = state.density()
+        seen.append((state.step, density.min().item(), density.max().item(), n))
+        return {"explained_variance": 0, "l0": 0, "l1": 0, "ce_sae": 0, "ce_clean": 0, "ce_recovered": 0}
+
+    T.train(sae, batches, cfg, on_eval=on_eval)
+    for step, lo, hi, n in seen:
+        assert 0 <= lo and hi <= 1, f"density outside [0, 1] at step {step}: {lo}..{hi}"
+        tokens = step * 256
+        expected = (tokens, tokens) if tokens <= cfg.density_tokens else (cfg.density_tokens, 2 * cfg.density_tokens)
+        assert expected[0] <= n <= expected[1], f"density window of {n} tokens at step {step}"
+    assert max(hi for _, _, hi, _ in seen) > 0.5                     # some feature is dense early on
+
+
+def test_main_path_buffer_holds_no_special_token_rows(offline_tiny, tiny_model, corpus, tmp_path, monkeypatch):
+    """The buffer train.py builds holds the hook activations of ordinary tokens only: no row equals an
+    activation at a BOS/EOS position, while such positions were there in the contexts."""
+    buffers, special_rows = [], []
+    monkeypatch.setattr(T, "ActivationBuffer", lambda *a, **k: buffers.append(ActivationBuffer(*a, **k)) or buffers[-1])
+    real_chunks = T.activation_chunks
+
+    def spy_chunks(model, contexts, layer, special_ids, *args, **kwargs):
+        def tee():
+            for tokens in contexts:
+                resid = model(tokens, stop_at_layer=layer)
+                special_rows.append(resid[is_special(tokens, special_ids)])
+                yield tokens
+        return real_chunks(model, tee(), layer, special_ids, *args, **kwargs)
+    monkeypatch.setattr(T, "activation_chunks", spy_chunks)
+    T.run(["1", f"--dataset={corpus}", f"--out_dir={tmp_path}"] + TINY_RUN)
+    special = torch.cat(special_rows)
+    data = buffers[0].data
+    assert len(special) > 0
+    distance = torch.cdist(data, special).min()
+    assert distance > 1e-3, "the buffer holds activations of special tokens"
+
+
+def test_geometric_median_satisfies_its_optimality_condition():
+    """At the geometric median the unit vectors from it to the points sum to ~0 (the gradient of
+    sum ||x_i - m|| vanishes): checked on skewed data where mean and median differ a lot."""
+    torch.manual_seed(2)
+    points = torch.randn(2000, 12, dtype=torch.float64).exp()              # log-normal: skewed
+    m = geometric_median(points)
+    units = (points - m) / (points - m).norm(dim=-1, keepdim=True)
+    assert units.sum(0).norm() / len(points) < 1e-3, units.sum(0).norm() / len(points)
+    mean_units = (points - points.mean(0)) / (points - points.mean(0)).norm(dim=-1, keepdim=True)
+    assert mean_units.sum(0).norm() / len(points) > 0.05             # the mean is far from optimal here
+
+
+# -----------------------------------------------------------------------------
+# settings: every field checked first, and a recipe that follows the run's length
+
+
+def no_model_load(monkeypatch):
+    def refuse(*args):
+        raise AssertionError("the model was loaded before the input was checked")
+    monkeypatch.setattr(T, "load_model", refuse)
+    monkeypatch.setattr(T, "hub_status", lambda: (False, "no network in tests"))
+
+
+@pytest.mark.parametrize("flag, says", [
+    ("--expansion=0", "expansion=0 is not allowed: it takes an integer >= 1"),
+    ("--total_tokens=-5", "total_tokens=-5 is not allowed"),
+    ("--batch_size=0", "batch_size=0 is not allowed"),
+    ("--lr=-1", "lr=-1.0 is not allowed: it takes a finite number > 0"),
+    ("--l1_coeff=nan", "l1_coeff=nan is not allowed: it takes a finite number >= 0"),
+    ("--dead_window=0", "dead_window=0 is not allowed"),
+    ("--context_size=1", "context_size=1 is not allowed"),
+    ("--precision=fp8", "precision=fp8 is not allowed: it takes auto, float32 or bfloat16"),
+    ("--total_tokens=100", "less than one batch"),
+])
+def test_bad_values_are_refused_in_one_sentence_before_the_model_loads(flag, says, monkeypatch, tmp_path):
+    """Each field's allowed range is checked before anything is loaded, and the message states it."""
+    no_model_load(monkeypatch)
+    with pytest.raises(T.UserError, match=re.escape(says)):
+        T.run(["2", flag, f"--out_dir={tmp_path}"])
+
+
+def test_recipe_follows_the_run_length_unless_set_and_the_post_stays_exact():
+    """warmup_steps and dead_window keep the post's share (5,000 of 73,242 steps) of a shorter run,
+    evaluation happens at least 4 times, values the user set are kept, and the post's own run keeps
+    the post's numbers exactly."""
+    cfg, lines = T.make_config({"layer": 2, "total_tokens": 1_000_000, "expansion": 4, "batch_size": 4096,
+                                "preset": "post"})
+    steps = 1_000_000 // 4096
+    assert cfg.warmup_steps == round(5000 * steps / 73_242) == cfg.dead_window
+    assert cfg.eval_every == math.ceil(steps / 4)
+    assert T.lr_at(steps - 1, cfg) == cfg.lr                          # the warmup ends inside the run
+    assert any("scaled to this run" in line for line in lines)
+    cfg, _ = T.make_config({"layer": 2, "total_tokens": 1_000_000, "warmup_steps": 7, "preset": "post"})
+    assert cfg.warmup_steps == 7 and cfg.dead_window != 5000
+    cfg, lines = T.make_config({"layer": 2, "preset": "post"})
+    assert (cfg.warmup_steps, cfg.dead_window, cfg.eval_every, cfg.lr) == (5000, 5000, 2000, 4e-4)
+    assert not any("scaled" in line for line in lines)
+
+
+def test_flags_override_the_cpu_preset_without_switching_recipe(monkeypatch):
+    """On a CPU, setting --total_tokens or --expansion keeps the CPU preset's other values (it used to
+    switch silently to the post's 5,000-step warmup, which a short run never finishes)."""
+    monkeypatch.setattr(T, "device", "cpu")
+    cfg, _ = T.make_config({"layer": 2, "total_tokens": 1_000_000, "expansion": 4})
+    assert cfg.preset == "cpu" and cfg.lr == T.CPU_PRESET["lr"] and cfg.batch_size == T.CPU_PRESET["batch_size"]
+    assert cfg.expansion == 4 and cfg.warmup_steps < cfg.total_steps / 10
+
+
+def test_a_corpus_too_small_for_held_out_data_and_one_buffer_is_refused(offline_tiny, tmp_path, monkeypatch):
+    """A corpus that cannot give held-out contexts disjoint from one buffer of training data is refused
+    in one sentence: a one-line file before the model loads, a slightly larger one at the first fill."""
+    one_line = tmp_path / "one_line.txt"
+    one_line.write_text("the cat sat on the mat.\n")
+    with pytest.raises(T.UserError, match="too small"):
+        T.run(["1", f"--dataset={one_line}", f"--out_dir={tmp_path}"] + TINY_RUN)
+    small = tmp_path / "small"
+    small.mkdir()
+    (small / "a.txt").write_text(" ".join(make_documents(12, seed=3)))
+    with pytest.raises(T.UserError, match="fewer than one buffer"):
+        T.run(["1", f"--dataset={small}", f"--out_dir={tmp_path}"] + TINY_RUN)
+
+
+def test_a_run_whose_sae_explains_negative_variance_is_reported_as_failed(offline_tiny, corpus, tmp_path):
+    """An SAE that explains less variance than the mean activation at the end is a failed run: one
+    sentence saying so, metrics.json marks it, and the SAE is still saved."""
+    short = [a for a in TINY_RUN if not a.startswith("--total_tokens")]
+    with pytest.raises(T.UserError, match="This run failed"):
+        T.run(["1", f"--dataset={corpus}", f"--out_dir={tmp_path}", "--total_tokens=256", "--lr=1e-9", "--expansion=16"] + short[1:])
+    (run_dir,) = [d for d in tmp_path.iterdir() if (d / "metrics.json").exists()]
+    m = json.load(open(run_dir / "metrics.json"))
+    assert m["failed"] and m["explained_variance"] < 0
+
+
+# -----------------------------------------------------------------------------
+# the network, datasets and released files, with local stand-ins for the hub
+
+
+class Server:
+    """A local HTTP server on 127.0.0.1 answering every request with 200 and recording the request line."""
+
+    def __init__(self, silent=False):
+        import http.server
+        import threading
+        requests = self.requests = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_HEAD(self):
+                requests.append(self.requestline)
+                if silent:
+                    import time
+                    time.sleep(5)
+                self.send_response(200)
+                self.end_headers()
+            do_GET = do_HEAD
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+
+
+@pytest.fixture
+def clean_network_env(monkeypatch):
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_ENDPOINT",
+                 "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+@pytest.mark.parametrize("name", S.OFFLINE_VARIABLES)
+def test_offline_variables_mean_offline_without_any_probe(name, clean_network_env):
+    """HF_HUB_OFFLINE / HF_DATASETS_OFFLINE / TRANSFORMERS_OFFLINE=1 mean offline at once: nothing is sent."""
+    clean_network_env.setenv(name, "1")
+    clean_network_env.setattr(S.urllib.request, "build_opener", lambda *a, **k: pytest.fail("the network was probed"))
+    online, said = S.hub_status()
+    assert not online and name in said
+
+
+def test_a_mirror_in_hf_endpoint_is_where_the_hub_is(clean_network_env):
+    """With HF_ENDPOINT pointing at a mirror (here a local server) the check asks the mirror."""
+    mirror = Server()
+    try:
+        clean_network_env.setenv("HF_ENDPOINT", mirror.url)
+        online, said = S.hub_status()
+        assert online and mirror.url in said and mirror.requests
+    finally:
+        mirror.close()
+
+
+def test_an_http_proxy_is_used_and_no_proxy_bypasses_it(clean_network_env):
+    """HTTP(S)_PROXY routes the check through the proxy (which sees the absolute hub URL); a host in
+    NO_PROXY is contacted directly (here: a name that does not resolve, so offline)."""
+    proxy = Server()
+    try:
+        clean_network_env.setenv("HF_ENDPOINT", "http://hub.invalid")
+        clean_network_env.setenv("HTTP_PROXY", proxy.url)
+        online, said = S.hub_status()
+        assert online and "via proxy" in said
+        assert proxy.requests and "http://hub.invalid/" in proxy.requests[0]
+        clean_network_env.setenv("NO_PROXY", "hub.invalid")
+        online, _ = S.hub_status(timeout=3)
+        assert not online and len(proxy.requests) == 1
+    finally:
+        proxy.close()
+
+
+def test_the_network_check_is_bounded_in_time(clean_network_env):
+    """A hub that accepts the connection but never answers costs at most the timeout."""
+    import time
+    slow = Server(silent=True)
+    try:
+        clean_network_env.setenv("HF_ENDPOINT", slow.url)
+        start = time.time()
+        online, said = S.hub_status(timeout=1.0)
+        assert not online and time.time() - start < 2.5, said
+    finally:
+        slow.close()
+
+
+def write_parquet_dataset(folder, rows: list[list[int]], column="input_ids"):
+    """A local folder laid out like a hub dataset: data/train-0000N-of-0000M.parquet shards."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    (folder / "data").mkdir(parents=True)
+    half = len(rows) // 2
+    for i, part in enumerate((rows[:half], rows[half:])):
+        pq.write_table(pa.table({column: part}), folder / "data" / f"train-0000{i}-of-00002.parquet")
+    return str(folder)
+
+
+def tokenized_rows(tokenizer, n_rows=60, row_len=64, seed=1) -> list[list[int]]:
+    ids = [t for d in make_documents(600, seed=seed) for t in tokenizer(d)["input_ids"]]
+    return [ids[i * row_len:(i + 1) * row_len] for i in range(min(n_rows, len(ids) // row_len))]
+
+
+def test_a_pretokenized_dataset_trains_through_the_same_load_dataset_call(offline_tiny, tokenizer, tmp_path):
+    """A local parquet folder with an input_ids column (the pre-tokenized hub layout) goes through
+    load_dataset(path, streaming=True) like a hub name; its rows are cut into BOS-prefixed contexts."""
+    rows = tokenized_rows(tokenizer)
+    folder = write_parquet_dataset(tmp_path / "owt_tokens", rows)
+    corpus = S.open_corpus(folder)
+    assert corpus.pretokenized and corpus.column == "input_ids"
+    first = next(token_contexts(S.documents(corpus), tokenizer, 32, 4))
+    bos = tokenizer.bos_token_id
+    assert (first[:, 0] == bos).all() and first[0, 2:].tolist() == rows[0][:30]
+    run_dir = T.run(["1", f"--dataset={folder}", f"--out_dir={tmp_path / 'runs'}"] + TINY_RUN)
+    assert json.load(open(os.path.join(run_dir, "metrics.json")))["explained_variance"] > 0.3
+
+
+def test_a_pretokenized_dataset_for_another_tokenizer_is_refused(offline_tiny, tokenizer, tmp_path):
+    """Token ids outside the model's vocabulary, or ids that are not this tokenizer's (they do not
+    survive decoding and re-encoding), are refused in one sentence before training."""
+    rows = tokenized_rows(tokenizer)
+    too_big = write_parquet_dataset(tmp_path / "too_big", [[i + 1000 for i in r] for r in rows])
+    with pytest.raises(T.UserError, match="outside .* vocabulary"):
+        T.run(["1", f"--dataset={too_big}", f"--out_dir={tmp_path}"] + TINY_RUN)
+    g = torch.Generator().manual_seed(0)
+    perm = torch.randperm(len(tokenizer), generator=g).tolist()
+    foreign = write_parquet_dataset(tmp_path / "foreign", [[perm[i] for i in r] for r in rows])
+    with pytest.raises(T.UserError, match="does not look tokenized"):
+        T.run(["1", f"--dataset={foreign}", f"--out_dir={tmp_path}"] + TINY_RUN)
+
+
+def test_a_dataset_that_cannot_be_opened_is_one_sentence_before_the_model_loads(monkeypatch, tmp_path):
+    """An unreachable or missing dataset given with --dataset ends in one sentence, before any model
+    load: a hub name while offline, a mistyped local path, a folder with no data."""
+    no_model_load(monkeypatch)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(T.UserError, match="could not be opened"):
+        T.run(["2", "--dataset=someone/no-such-dataset", f"--out_dir={tmp_path}"])
+    with pytest.raises(T.UserError, match="does not exist"):
+        T.run(["2", "--dataset=./no/such/dir", f"--out_dir={tmp_path}"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(T.UserError, match="holds no text files"):
+        T.run(["2", f"--dataset={tmp_path / 'empty'}", f"--out_dir={tmp_path}"])
+
+
+def test_the_default_dataset_falls_back_with_a_banner_when_the_hub_fails(offline_tiny, monkeypatch, tmp_path, capsys):
+    """Online, when the default dataset cannot be opened (here: the hub refuses connections), the run
+    goes on with the standard library's source and the banner says why; the model is not re-decided."""
+    monkeypatch.setattr(T, "hub_status", lambda: (True, "test: pretend online"))
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")           # nothing listens on port 9
+    monkeypatch.setenv("HF_HUB_ETAG_TIMEOUT", "2")
+    cfg, lines = T.make_config({"layer": 1})
+    lines += T.choose_sources(cfg, {"layer": 1})
+    assert cfg.dataset == T.OWT_GPT2
+    corpus = T.open_data(cfg, {"layer": 1}, lines)
+    assert cfg.dataset == "python-stdlib" and corpus.column == "text"
+    assert any("Using the source files of Python's standard library instead" in line for line in lines)
+
+
+@pytest.mark.parametrize("capability, expected", [((7, 5), False), ((8, 0), True), ((9, 0), True)])
+def test_bf16_is_chosen_only_on_gpus_that_compute_it_natively(capability, expected, monkeypatch):
+    """--precision=auto picks bf16 on Ampere or newer only: a T4 (7.5) emulates bf16, which
+    torch.cuda.is_bf16_supported() counts as support."""
+    monkeypatch.setattr(T, "device", "cuda")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert T.native_bf16() == expected
+
+
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
+
+
+def test_the_released_layout_loads():
+    """A folder in the released gpt2-small-res-jb layout (its cfg.json key set: "dtype": "torch.float32",
+    model_name gpt2-small, hook_point, ...) loads into our SAE with the weights it holds."""
+    from safetensors.torch import load_file
+    folder = os.path.join(FIXTURES, "gpt2-small-res-jb", "blocks.0.hook_resid_pre")
+    cfg = json.load(open(os.path.join(folder, "cfg.json")))
+    assert cfg["dtype"] == "torch.float32" and cfg["model_name"] == "gpt2-small"
+    sae = SAE.load(folder)
+    weights = load_file(os.path.join(folder, "sae_weights.safetensors"))
+    assert (sae.d_in, sae.d_sae) == (cfg["d_in"], cfg["d_sae"])
+    for k, v in weights.items():
+        assert torch.equal(getattr(sae, k), v), k
+
+
+def test_saelens_loads_our_run_folder_as_it_is(offline_tiny, corpus, tmp_path):
+    """SAELens's own SAE.load_from_disk (defaults, no overrides) loads a run folder train.py wrote,
+    as float32, and encodes and decodes exactly as our SAE does."""
+    sae_lens = pytest.importorskip("sae_lens")
+    run_dir = T.run(["1", f"--dataset={corpus}", f"--out_dir={tmp_path}"] + TINY_RUN[:-1] + ["--precision=bfloat16"])
+    ours = SAE.load(run_dir)
+    theirs = sae_lens.SAE.load_from_disk(run_dir)
+    assert theirs.W_enc.dtype == torch.float32
+    x = torch.randn(16, ours.d_in)
+    with torch.no_grad():
+        assert torch.allclose(theirs.encode(x), ours.encode(x), atol=1e-5)
+        acts = ours.encode(x)
+        assert torch.allclose(theirs.decode(acts), ours.decode(acts), atol=1e-5)
 
 
 # -----------------------------------------------------------------------------

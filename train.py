@@ -442,7 +442,7 @@ def run(argv: list[str]) -> str:
             cfg.precision = "bfloat16" if native_bf16() else "float32"
 
     # --- model and data (the network is decided first: offline mode must be set before HF libraries connect)
-    lines += choose_sources(cfg, flags)
+    lines = choose_sources(cfg, flags) + lines
     corpus = open_data(cfg, flags, lines)
     model = load_model(cfg.model, device)
     if not 0 <= cfg.layer < model.cfg.n_layers:
