@@ -60,6 +60,7 @@ class Config:
     # optimisation
     lr: float = 4e-4                           # Adam, constant after warmup
     warmup_steps: int = 5000                   # linear LR warmup from ~0 (the post: 5000 of 73,242 steps)
+    lr_decay: float = 0.0                      # share of the run at the end over which lr falls linearly to 0
     batch_size: int = 4096                     # tokens (activations) per SAE step
     total_tokens: int = 300_000_000            # the post: 300M OpenWebText tokens
     seed: int = 0                              # SAE init and buffer shuffling

@@ -19,6 +19,7 @@ import io
 import json
 import os
 import random
+import sys
 import sysconfig
 import threading
 import urllib.error
@@ -78,6 +79,18 @@ def hub_status(timeout: float = 5.0) -> tuple[bool, str]:
     if answer.get("ok"):
         return True, f"{url} answered{via}"
     return False, f"{url} did not answer{via} ({answer.get('error', f'no answer in {timeout:.0f} s')})"
+
+
+def go_offline():
+    """Tell the Hugging Face libraries to use their local caches and fail at once instead of retrying.
+
+    They read the variable when first imported; a notebook may have imported them already,
+    so their module-level switch is set too.
+    """
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    for module in ("huggingface_hub.constants", "datasets.config"):
+        if module in sys.modules:
+            sys.modules[module].HF_HUB_OFFLINE = True
 
 
 # -----------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from sae import (SAE, ActivationBuffer, Config, activation_chunks, atomic_write, config_dict,
                  density_histogram, evaluate, geometric_median, log10_density, make_held_out,
                  special_token_ids, token_contexts, write_json)
-from sources import UserError, check_tokens_fit, documents, hub_status, load_model, open_corpus
+from sources import UserError, check_tokens_fit, documents, go_offline, hub_status, load_model, open_corpus
 
 device = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -63,6 +63,7 @@ RULES = {
     "dead_window": (lambda v: v >= 1, "an integer >= 1 (steps)"),
     "lr": (lambda v: 0 < v < math.inf, "a finite number > 0"),
     "warmup_steps": (lambda v: v >= 0, "an integer >= 0"),
+    "lr_decay": (lambda v: 0 <= v < 1, "a share of the run from 0 (no decay) to below 1"),
     "batch_size": (lambda v: v >= 1, "an integer >= 1"),
     "total_tokens": (lambda v: v >= 1, "at least one batch of tokens"),
     "buffer_contexts": (lambda v: v >= 1, "an integer >= 1"),
@@ -238,8 +239,12 @@ def init_b_dec(sae: SAE, x: torch.Tensor, how: str):
 
 
 def lr_at(step: int, cfg: Config) -> float:
-    """Linear warmup from lr / warmup_steps at step 0 to lr at step warmup_steps - 1, constant after."""
-    return cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
+    """Linear warmup from lr / warmup_steps at step 0 to lr at step warmup_steps - 1, constant after;
+    then, if lr_decay > 0, a linear fall to ~0 over the last lr_decay of the steps."""
+    warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
+    decay_steps = round(cfg.lr_decay * cfg.total_steps)
+    decay = min(1.0, (cfg.total_steps - step) / decay_steps) if decay_steps else 1.0
+    return cfg.lr * min(warm, decay)
 
 
 @torch.enable_grad()             # works even if the caller turned gradients off (the notebook does)
@@ -352,7 +357,7 @@ def choose_sources(cfg: Config, flags: dict) -> list[str]:
     online, tried = hub_status()
     lines = [f"network: {tried}."]
     if not online:
-        os.environ["HF_HUB_OFFLINE"] = "1"       # the HF libraries then use local caches and fail at once
+        go_offline()
         if cfg.model != "smollm2-135m":
             if "model" in flags:
                 raise UserError(f"--model={cfg.model} needs the Hugging Face hub, which cannot be reached: "

@@ -74,7 +74,7 @@ def matmul_limits(B: int, d_in: int, d_sae: int, repeats: int) -> float:
 
 def our_step_fn(B: int, d_in: int, d_sae: int, dtype: str, dead_share: float = 0.1):
     cfg = T.Config(d_in=d_in, expansion=d_sae // d_in, batch_size=B, total_tokens=10**12,
-                   warmup_steps=0, dead_window=10**9, eval_every=10**9, dtype=dtype)
+                   warmup_steps=0, dead_window=10**9, eval_every=10**9, precision=dtype)
     torch.manual_seed(0)
     sae = SAE(d_in, d_sae, cfg.l1_coeff)
     state = T.new_state(sae, cfg)
@@ -169,9 +169,10 @@ def activations(repeats: int, layer: int = 2):
 def end_to_end_child(argv: list[str]):
     """Run train.py's main path on a random GPT-2-small-shaped model, timing each part."""
     import sae as S
+    from sources import load_smollm2_tokenizer
     timers = {"model forward (activations)": 0.0, "evaluation": 0.0, "buffer (fill, shuffle)": 0.0}
     model = gpt2_shaped_model(49152)
-    model.tokenizer = T.load_smollm2_tokenizer()
+    model.tokenizer = load_smollm2_tokenizer()
     forward = model.forward
 
     def timed_forward(*a, **kw):
@@ -189,7 +190,8 @@ def end_to_end_child(argv: list[str]):
             timers[name] += time.perf_counter() - t
             return out
         return wrapper
-    T.load_model = lambda cfg, explicit, online, notes: model
+    T.load_model = lambda name, device: model
+    T.hub_status = lambda: (True, "benchmark: a local random model and local text")
     T.evaluate = timed("evaluation", S.evaluate)
     S.ActivationBuffer._fill = timed("buffer (fill, shuffle)", S.ActivationBuffer._fill)
     start = time.perf_counter()
@@ -217,8 +219,8 @@ def peak_memory_gb() -> float:
 def end_to_end(tokens: int, out_dir: str, dtypes: list[str]):
     # the post's shapes: expansion 32 (d_sae 24,576), 4,096-token batches, a ~520k-activation buffer
     for dtype in dtypes:
-        argv = ["2", "--preset=post", f"--dtype={dtype}", f"--total_tokens={tokens}", f"--out_dir={out_dir}",
-                "--model=gpt2-random", "--eval_every=1000000", "--eval_contexts=16"]
+        argv = ["2", "--preset=post", f"--precision={dtype}", f"--total_tokens={tokens}", f"--out_dir={out_dir}",
+                "--model=gpt2-random", "--dataset=python-stdlib", "--eval_every=1000000", "--eval_contexts=16"]
         subprocess.run([sys.executable, __file__, "--e2e-child", *argv], check=True)
 
 

@@ -19,7 +19,8 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import torch                                                        # noqa: E402
 import train as T                                                   # noqa: E402
-from sae import (SAE, Config, activation_chunks, evaluate, make_eval_set,   # noqa: E402
+import sources as S                                                 # noqa: E402
+from sae import (SAE, Config, activation_chunks, evaluate, make_held_out,   # noqa: E402
                  special_token_ids, token_contexts)
 
 
@@ -29,20 +30,20 @@ def main():
     p.add_argument("--layer", type=int, default=2)
     args = p.parse_args()
     T.use_onednn_fp32_matmul()
-    model = T.load_smollm2()
+    model = S.load_smollm2()
     # the CPU preset's SAE: expansion 8, batch 1024, lr 1e-3, L1 8e-5
     cfg = Config(model="smollm2-135m", dataset="python-stdlib", layer=args.layer, d_in=model.cfg.d_model,
                  expansion=8, batch_size=1024, lr=1e-3, l1_coeff=8e-5, warmup_steps=50, dead_window=300,
                  total_tokens=args.tokens, eval_every=10**9, density_tokens=args.tokens // 2)
     special = special_token_ids(model.tokenizer)
-    contexts = token_contexts(T.iter_texts(cfg, T.stdlib_files()), model.tokenizer, 128, 32)
-    eval_set = make_eval_set(model, next(contexts), cfg.layer, special)
+    contexts = token_contexts(S.documents(S.open_corpus("python-stdlib")), model.tokenizer, 128, 32)
+    eval_set = make_held_out(model, next(contexts), cfg.layer, special)
     training_contexts = [next(contexts) for _ in range(args.tokens // (32 * 127) + 2)]
     order = None
     print(f"SmolLM2-135M layer {cfg.layer}, d_sae {cfg.d_sae}, {args.tokens:,} training tokens, "
           f"{int(eval_set.keep.sum()):,} held-out tokens")
     for dtype in ("float32", "bfloat16"):
-        cfg.dtype = dtype
+        cfg.precision = dtype
         t = time.perf_counter()
         acts = torch.cat(list(activation_chunks(model, training_contexts, cfg.layer, special,
                                                 bf16=dtype == "bfloat16")))[:args.tokens]

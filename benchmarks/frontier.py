@@ -1,0 +1,225 @@
+"""
+Sparsity-fidelity frontier: our train() against SAELens's standard (ReLU + L1) SAE, on identical batches.
+
+    python benchmarks/frontier.py sweep --trainer=ours --lr=4e-3,1.6e-2 --l1=4e-5,8e-5,1.6e-4
+    python benchmarks/frontier.py sweep --trainer=saelens --lr=1e-3,4e-3 --l1=1,2,4
+    python benchmarks/frontier.py synthetic
+    python benchmarks/frontier.py report          # table + plot from the results file
+
+Real task: SmolLM2-135M layer 2 residual activations of Python stdlib text, computed once and
+cached, shuffled once; every trainer gets the same batches in the same order, b_dec starts at the
+same geometric median, and every SAE is scored by the same code (sae.evaluate) on held-out
+contexts. Synthetic task: known feature directions in superposition; the share of true features
+that some decoder row matches at cosine > 0.9, at equal steps.
+SAELens is an optional benchmark dependency: pip install "sae-lens>=6,<7".
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+import sources as S                                  # noqa: E402
+import train as T                                    # noqa: E402
+from sae import SAE, Config, activation_chunks, evaluate, geometric_median, make_held_out, \
+    special_token_ids, token_contexts                 # noqa: E402
+
+RESULTS = os.path.join(HERE, "frontier_results.jsonl")
+
+
+def real_data(tokens: int, cache: str):
+    """(model, held-out set, [tokens, 576] shuffled training activations), the activations cached on disk."""
+    model = S.load_smollm2("cpu")
+    special = special_token_ids(model.tokenizer)
+    corpus = S.open_corpus("python-stdlib")
+    cfg = Config(eval_contexts=32)
+    held_tokens, skip = T.held_out_contexts(corpus, model.tokenizer, cfg)
+    held_out = make_held_out(model, held_tokens, 2, special)
+    path = os.path.join(cache, f"smollm2_L2_{tokens}.pt")
+    if os.path.exists(path):
+        return model, held_out, torch.load(path)
+    contexts = token_contexts(S.documents(corpus, skip), model.tokenizer, 128, 32)
+    chunks, n = [], 0
+    for chunk in activation_chunks(model, contexts, 2, special):
+        chunks.append(chunk)
+        n += len(chunk)
+        if n >= tokens:
+            break
+    acts = torch.cat(chunks)[:tokens]
+    acts = acts[torch.randperm(len(acts), generator=torch.Generator().manual_seed(0))]
+    os.makedirs(cache, exist_ok=True)
+    torch.save(acts, path)
+    return model, held_out, acts
+
+
+def train_ours(acts, d_sae, batch, lr, l1, warmup, **extra) -> SAE:
+    cfg = Config(d_in=acts.shape[1], expansion=d_sae // acts.shape[1], batch_size=batch,
+                 total_tokens=len(acts) // batch * batch, lr=lr, l1_coeff=l1, warmup_steps=warmup,
+                 dead_window=max(1, round(5000 * (len(acts) // batch) / T.POST_STEPS)),
+                 eval_every=10**9, precision="float32", **extra)
+    torch.manual_seed(0)
+    sae = SAE(cfg.d_in, cfg.d_sae, cfg.l1_coeff)
+    with torch.no_grad():
+        sae.b_dec.copy_(geometric_median(acts[:100_000]))
+    T.train(sae, iter(acts.split(batch)), cfg)
+    return sae.eval()
+
+
+def train_saelens(acts, d_sae, batch, lr, l1, warmup, **extra) -> SAE:
+    from sae_lens.config import SAETrainerConfig
+    from sae_lens.saes.standard_sae import StandardTrainingSAE, StandardTrainingSAEConfig
+    from sae_lens.training.sae_trainer import SAETrainer
+
+    torch.manual_seed(0)
+    sl = StandardTrainingSAE(StandardTrainingSAEConfig(d_in=acts.shape[1], d_sae=d_sae, l1_coefficient=l1,
+                                                       dtype="float32", device="cpu"))
+    with torch.no_grad():
+        sl.b_dec.copy_(geometric_median(acts[:100_000]))
+    steps = len(acts) // batch
+    trainer_cfg = SAETrainerConfig(total_training_samples=steps * batch, train_batch_size_samples=batch,
+                                   lr=lr, lr_end=lr, lr_warm_up_steps=warmup, device="cpu",
+                                   dead_feature_window=max(1, steps // 10), feature_sampling_window=10**9,
+                                   **extra)
+    SAETrainer(trainer_cfg, sl, data_provider=iter(acts.split(batch))).fit()
+    ours = SAE(acts.shape[1], d_sae)              # same equations: f = ReLU((x - b_dec) W_enc + b_enc)
+    with torch.no_grad():
+        for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+            getattr(ours, name).copy_(getattr(sl, name))
+    return ours.eval()
+
+
+TRAINERS = {"ours": train_ours, "saelens": train_saelens}
+
+
+def sweep(args):
+    model, held_out, acts = real_data(args.tokens, args.cache)
+    for lr in args.lr:
+        for l1 in args.l1:
+            start = time.time()
+            extra = json.loads(args.extra) if args.extra else {}
+            sae = TRAINERS[args.trainer](acts, args.width, args.batch, lr, l1, args.warmup, **extra)
+            m = evaluate(sae, model, held_out, 2)
+            row = {"task": "smollm2_L2", "trainer": args.trainer, "tag": args.tag, "lr": lr, "l1": l1,
+                   "extra": extra, "tokens": args.tokens, "width": args.width, "batch": args.batch,
+                   "seconds": round(time.time() - start, 1), **{k: m[k] for k in (
+                       "explained_variance", "l0", "ce_recovered", "ce_increase", "kl_score", "l2_ratio",
+                       "relative_reconstruction_bias")}}
+            print(json.dumps(row), flush=True)
+            with open(args.results, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+
+def synthetic_batches(n_true=400, d_in=64, batch=1024, l0=6, seed=0):
+    """Sparse codes over n_true unit directions in d_in dims (superposition) around a non-zero centre."""
+    g = torch.Generator().manual_seed(seed)
+    true = F.normalize(torch.randn(n_true, d_in, generator=g), dim=-1)
+    centre = 2 * torch.randn(d_in, generator=g)
+    freq = torch.rand(n_true, generator=g) * 2 * l0 / n_true            # varied feature frequencies
+
+    def batches():
+        while True:
+            active = torch.rand(batch, n_true, generator=g) < freq
+            yield (active * (0.5 + torch.rand(batch, n_true, generator=g))) @ true + centre
+    return true, batches()
+
+
+def synthetic(args):
+    """Share of true features recovered (some decoder row at cosine > 0.9) with equal steps and width."""
+    for trainer, lr, l1 in [(t, lr, l1) for t, lrs, l1s in (("ours", args.lr, args.l1),
+                                                           ("saelens", args.sl_lr, args.sl_l1))
+                            for lr in lrs for l1 in l1s]:
+        true, batches = synthetic_batches()
+        acts = torch.cat([next(batches) for _ in range(args.steps)])
+        sae = TRAINERS[trainer](acts, 512, 1024, lr, l1, 50)
+        best = (F.normalize(sae.W_dec, dim=-1) @ true.T).max(0).values
+        x = next(synthetic_batches(seed=1)[1])
+        acts_ = sae.encode(x)
+        ev = 1 - ((sae.decode(acts_) - x) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
+        row = {"task": "synthetic", "trainer": trainer, "tag": args.tag, "lr": lr, "l1": l1, "steps": args.steps,
+               "recovered": (best > 0.9).float().mean().item(), "l0": (acts_ > 0).float().sum(-1).mean().item(),
+               "explained_variance": ev.item()}
+        print(json.dumps(row), flush=True)
+        with open(args.results, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def frontier(rows):
+    """Per (trainer, tag): the upper envelope of EV and CE recovered against log L0."""
+    return sorted(rows, key=lambda r: r["l0"])
+
+
+def report(args):
+    rows = [json.loads(line) for line in open(args.results)]
+    real = [r for r in rows if r["task"] == "smollm2_L2"]
+    groups = {}
+    for r in real:
+        groups.setdefault((r["trainer"], r["tag"] or "", r["lr"]), []).append(r)
+    print(f"{'trainer':<10} {'tag':<12} {'lr':>8} {'l1':>8} {'L0':>7} {'EV':>6} {'CE rec':>7} {'CE incr':>7} {'KL':>6}")
+    for key in sorted(groups):
+        for r in frontier(groups[key]):
+            print(f"{key[0]:<10} {key[1]:<12} {key[2]:>8.1e} {r['l1']:>8.1e} {r['l0']:>7.1f} "
+                  f"{r['explained_variance']:>6.3f} {r['ce_recovered']:>7.3f} {r['ce_increase']:>7.3f} "
+                  f"{r['kl_score']:>6.3f}")
+    for r in rows:
+        if r["task"] == "synthetic":
+            print(f"synthetic {r['trainer']:<8} {r['tag'] or '':<10} lr {r['lr']:.1e} l1 {r['l1']:.1e} "
+                  f"steps {r['steps']}: recovered {r['recovered']:.1%}, L0 {r['l0']:.1f}, EV {r['explained_variance']:.3f}")
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for key in sorted(groups):
+        pts = frontier(groups[key])
+        for ax, metric in zip(axes, ("explained_variance", "ce_recovered")):
+            ax.plot([p["l0"] for p in pts], [p[metric] for p in pts], "o-",
+                    label=f"{key[0]} {key[1]} lr={key[2]:g}")
+    for ax, metric in zip(axes, ("explained variance", "CE recovered")):
+        ax.set_xscale("log")
+        ax.set_xlabel("L0")
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(HERE, "frontier.png"), dpi=110)
+    print("plot: benchmarks/frontier.png")
+
+
+def floats(text: str) -> list[float]:
+    return [float(v) for v in text.split(",")]
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("what", choices=("sweep", "synthetic", "report"))
+    p.add_argument("--trainer", choices=tuple(TRAINERS), default="ours")
+    p.add_argument("--lr", type=floats, default=[1e-3])
+    p.add_argument("--l1", type=floats, default=[8e-5])
+    p.add_argument("--sl_lr", type=floats, default=[4e-3])
+    p.add_argument("--sl_l1", type=floats, default=[2.0])
+    p.add_argument("--tokens", type=int, default=600_000)
+    p.add_argument("--width", type=int, default=2304)
+    p.add_argument("--batch", type=int, default=1024)
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--steps", type=int, default=300, help="synthetic task: steps per trainer")
+    p.add_argument("--tag", default="", help="a label for this variant in the table")
+    p.add_argument("--extra", default="", help="JSON of extra Config (ours) or SAETrainerConfig fields")
+    p.add_argument("--cache", default=os.path.join(HERE, ".cache"))
+    p.add_argument("--results", default=RESULTS)
+    args = p.parse_args()
+    torch.set_num_threads(int(os.environ.get("THREADS", torch.get_num_threads())))
+    {"sweep": sweep, "synthetic": synthetic, "report": report}[args.what](args)
+
+
+if __name__ == "__main__":
+    main()
