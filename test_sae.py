@@ -440,13 +440,13 @@ def test_resumed_training_equals_uninterrupted_training(tmp_path):
 
     sae, buffer, _ = start()
     state = T.train(sae, buffer, synthetic_cfg(total_tokens=256 * 50, warmup_steps=40, dead_window=30))
-    T.save_checkpoint(str(tmp_path / "ckpt.pt"), sae, state, cfg, buffer, str(tmp_path))
+    T.save_checkpoint(str(tmp_path / "ckpt.pt"), [sae], [state], cfg, buffer, str(tmp_path))
     resumed, buffer2, chunks2 = start()            # fresh objects; the data stream is replayed to its position
     ckpt = T.load_checkpoint(str(tmp_path / "ckpt.pt"))
     for _ in range(ckpt["buffer"]["chunks_read"] - buffer2.chunks_read):
         next(chunks2)
     state2 = T.new_state(resumed, cfg)
-    T.restore(ckpt, resumed, state2, buffer2)
+    T.restore(ckpt, [resumed], [state2], buffer2)
     T.train(resumed, buffer2, cfg, state2)
     for k, v in full.state_dict().items():
         assert torch.equal(v, resumed.state_dict()[k]), k
@@ -543,11 +543,30 @@ def test_a_hard_kill_loses_at_most_one_evaluation_interval(offline_tiny, corpus,
     run_dir = T.run(["1", f"--dataset={corpus}", f"--out_dir={tmp_path / 'b'}"] + TINY_RUN)
     assert not os.path.exists(os.path.join(run_dir, "checkpoint.pt"))   # a finished run removes it
     monkeypatch.setattr(ActivationBuffer, "__next__", real_next)
-    assert T.load_checkpoint(str(snapshot))["state"]["step"] == 40
+    assert T.load_checkpoint(str(snapshot))["states"][0]["step"] == 40
     T.run([f"--resume={snapshot}"])
     resumed = SAE.load(run_dir)
     for k, v in full.state_dict().items():
         assert torch.equal(v, resumed.state_dict()[k]), k
+
+
+def test_several_l1_coefficients_train_on_one_stream_each_as_if_alone(offline_tiny, corpus, tmp_path, capsys):
+    """`--l1_coeff=a,b,c` trains one SAE per value on the same batches (one model forward): each is saved
+    in its own folder with its own coefficient, is bit-identical to the SAE trained alone with that
+    value, and gets one row of the final table."""
+    args = ["1", f"--dataset={corpus}"] + TINY_RUN
+    run_dir = T.run(args + [f"--out_dir={tmp_path / 'many'}", "--l1_coeff=4e-5,8e-5,3e-4"])
+    out = capsys.readouterr().out
+    assert sorted(os.listdir(run_dir)) == ["l1_0.0003", "l1_4e-05", "l1_8e-05"]
+    alone = SAE.load(T.run(args + [f"--out_dir={tmp_path / 'alone'}", "--l1_coeff=3e-4"]))
+    together = SAE.load(os.path.join(run_dir, "l1_0.0003"))
+    assert together.l1_coeff == 3e-4
+    for k, v in alone.state_dict().items():
+        assert torch.equal(v, together.state_dict()[k]), k
+    l0 = [json.load(open(os.path.join(run_dir, d, "metrics.json")))["l0"] for d in ("l1_4e-05", "l1_8e-05", "l1_0.0003")]
+    assert l0[0] > l0[1] > l0[2], l0                                  # a larger coefficient, a sparser SAE
+    rows = [line for line in out.splitlines() if line.strip().startswith("1 ")]
+    assert len(rows) == 3
 
 
 def run_dir_of(out_dir) -> str:
@@ -671,12 +690,14 @@ def test_densities_stay_in_zero_one_and_cover_the_documented_window():
     sae = SAE(cfg.d_in, cfg.d_sae, cfg.l1_coeff)
     seen = []
 
-    def on_eval(sae, state):
+    state = T.new_state(sae, cfg)
+
+    def on_eval():
         density, n = state.density()
         seen.append((state.step, density.min().item(), density.max().item(), n))
-        return {"explained_variance": 0, "l0": 0, "l1": 0, "ce_sae": 0, "ce_clean": 0, "ce_recovered": 0}
+        return [{"explained_variance": 0, "l0": 0, "l1": 0, "ce_sae": 0, "ce_clean": 0, "ce_recovered": 0}]
 
-    T.train(sae, batches, cfg, on_eval=on_eval)
+    T.train(sae, batches, cfg, state, on_eval=on_eval)
     for step, lo, hi, n in seen:
         assert 0 <= lo and hi <= 1, f"density outside [0, 1] at step {step}: {lo}..{hi}"
         tokens = step * 256

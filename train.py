@@ -20,7 +20,7 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 from tqdm import tqdm
@@ -106,6 +106,8 @@ def parse_args(argv: list[str]) -> tuple[dict, str | None]:
             raise UserError(f"Cannot read {arg!r}: write the layer number, then options as --name=value.")
         if name == "resume":
             resume = value
+        elif name == "l1_coeff" and "," in value:       # several SAEs, trained on the same batches
+            flags[name] = [parse_value(name, v, float) for v in value.split(",")]
         elif name in CLI_FIELDS:
             flags[name] = parse_value(name, value, types[name])
         else:
@@ -128,8 +130,9 @@ def make_config(flags: dict) -> tuple[Config, list[str]]:
     """
     cfg, lines = Config(), []
     for name, value in flags.items():            # validate what the user typed before anything else
-        if name in RULES and not RULES[name][0](value):
-            raise UserError(f"--{name}={value} is not allowed: it takes {RULES[name][1]}.")
+        for v in value if isinstance(value, list) else [value]:
+            if name in RULES and not RULES[name][0](v):
+                raise UserError(f"--{name}={v} is not allowed: it takes {RULES[name][1]}.")
     preset = flags.get("preset", cfg.preset)
     if preset == "auto":
         preset = "cpu" if device == "cpu" else "post"
@@ -142,7 +145,7 @@ def make_config(flags: dict) -> tuple[Config, list[str]]:
                      + ", ".join(f"--{n}={getattr(cfg, n)}" for n in unset) + "); the post's full "
                      "recipe (300M tokens, days on a CPU): --preset=post")
     for name, value in flags.items():
-        setattr(cfg, name, value)
+        setattr(cfg, name, value[0] if isinstance(value, list) else value)
     if cfg.total_tokens < cfg.batch_size:
         raise UserError(f"--total_tokens={cfg.total_tokens} is less than one batch of {cfg.batch_size}: "
                         "raise it or lower --batch_size.")
@@ -247,62 +250,76 @@ def lr_at(step: int, cfg: Config) -> float:
     return cfg.lr * min(warm, decay)
 
 
+def train_step(sae: SAE, state: TrainState, x: torch.Tensor, cfg: Config) -> tuple[float, torch.Tensor]:
+    """One optimizer step of `sae` on the batch x [batch, d_in]; returns (loss, firings per feature [d_sae])."""
+    # --- TRAINING SECTION BEGIN
+    dead = state.steps_since_fired >= cfg.dead_window if cfg.ghost_grads else None   # [d_sae]
+    state.optimizer.zero_grad(set_to_none=True)      # now, so last step's gradients are freed first
+    # bf16 autocast runs the matmuls in bf16 and keeps fp32 weights and Adam state
+    with torch.autocast(x.device.type, torch.bfloat16, enabled=cfg.precision == "bfloat16"):
+        out = sae(x, dead_mask=dead)
+    if not torch.isfinite(out.loss):
+        raise FloatingPointError(f"the loss became {out.loss.item()} at step {state.step}")
+    for group in state.optimizer.param_groups:
+        group["lr"] = lr_at(state.step, cfg)
+    out.loss.backward()
+    # order matters: drop the gradient along each decoder row, step, then renormalise
+    sae.remove_parallel_decoder_grad()
+    state.optimizer.step()
+    sae.normalize_decoder()
+    # --- TRAINING SECTION END
+
+    with torch.no_grad():
+        # counted in int32: summing bools into torch's default int64 is many times slower on a CPU
+        fires = (out.acts > 0).sum(0, dtype=torch.int32)                    # [d_sae]
+        state.steps_since_fired = torch.where(fires > 0, 0, state.steps_since_fired + 1)
+        if state.window_tokens >= cfg.density_tokens:     # the window is full: start the next one
+            state.prev_fire_counts, state.prev_window_tokens = state.fire_counts, state.window_tokens
+            state.fire_counts, state.window_tokens = torch.zeros_like(state.fire_counts), 0
+        state.fire_counts += fires
+        state.window_tokens += len(x)
+    state.step += 1
+    return out.loss.detach(), fires         # out goes: its [batch, d_sae] tensors are freed before the next step
+
+
 @torch.enable_grad()             # works even if the caller turned gradients off (the notebook does)
-def train(sae: SAE, batches, cfg: Config, state: TrainState | None = None, on_eval=None,
-          stop: threading.Event | None = None) -> TrainState:
-    """Train `sae` on an iterator of [batch_size, d_in] activation batches until cfg.total_steps.
+def train(saes: SAE | list[SAE], batches, cfg: Config, states=None, on_eval=None,
+          stop: threading.Event | None = None):
+    """Train an SAE, or several on the same batches, on an iterator of [batch_size, d_in] activations.
 
-    Pass `state` to continue a run. on_eval(sae, state) -> dict is called every
-    cfg.eval_every steps and its numbers printed on one line. Setting `stop` ends
-    the run at the end of the current step.
+    Several SAEs (say, one per L1 coefficient: each holds its own l1_coeff) share every batch, so
+    the model forward that made it is paid once. Pass `states` to continue a run. on_eval() -> a list
+    of metric dicts, one per SAE, is called every cfg.eval_every steps and printed. Setting `stop`
+    ends the run at the end of the current step. Returns the TrainState (a list for a list of SAEs).
     """
-    state = state or new_state(sae, cfg)
-    sae.train()
-    bar = tqdm(total=cfg.total_steps * cfg.batch_size, initial=state.step * cfg.batch_size,
+    single = isinstance(saes, SAE)
+    saes = [saes] if single else saes
+    states = [states] if isinstance(states, TrainState) else states or [None] * len(saes)
+    states = [state or new_state(sae, cfg) for sae, state in zip(saes, states)]
+    for sae in saes:
+        sae.train()
+    step = states[0].step
+    bar = tqdm(total=cfg.total_steps * cfg.batch_size, initial=step * cfg.batch_size,
                unit="tok", unit_scale=True, dynamic_ncols=True)
-    while state.step < cfg.total_steps and not (stop and stop.is_set()):
-        x = next(batches).to(sae.W_dec.device, torch.float32)                    # [batch, d_in]
-
-        # --- TRAINING SECTION BEGIN
-        dead = state.steps_since_fired >= cfg.dead_window if cfg.ghost_grads else None   # [d_sae]
-        state.optimizer.zero_grad(set_to_none=True)      # now, so last step's gradients are freed first
-        # bf16 autocast runs the matmuls in bf16 and keeps fp32 weights and Adam state
-        with torch.autocast(x.device.type, torch.bfloat16, enabled=cfg.precision == "bfloat16"):
-            out = sae(x, dead_mask=dead)
-        if not torch.isfinite(out.loss):
-            raise FloatingPointError(f"the loss became {out.loss.item()} at step {state.step}")
-        for group in state.optimizer.param_groups:
-            group["lr"] = lr_at(state.step, cfg)
-        out.loss.backward()
-        # order matters: drop the gradient along each decoder row, step, then renormalise
-        sae.remove_parallel_decoder_grad()
-        state.optimizer.step()
-        sae.normalize_decoder()
-        # --- TRAINING SECTION END
-
-        with torch.no_grad():
-            # counted in int32: summing bools into torch's default int64 is many times slower on a CPU
-            fires = (out.acts > 0).sum(0, dtype=torch.int32)                    # [d_sae]
-            state.steps_since_fired = torch.where(fires > 0, 0, state.steps_since_fired + 1)
-            if state.window_tokens >= cfg.density_tokens:     # the window is full: start the next one
-                state.prev_fire_counts, state.prev_window_tokens = state.fire_counts, state.window_tokens
-                state.fire_counts, state.window_tokens = torch.zeros_like(state.fire_counts), 0
-            state.fire_counts += fires
-            state.window_tokens += len(x)
-        state.step += 1
+    while step < cfg.total_steps and not (stop and stop.is_set()):
+        x = next(batches).to(saes[0].W_dec.device, torch.float32)                # [batch, d_in]
+        for sae, state in zip(saes, states):
+            loss, fires = train_step(sae, state, x, cfg)
+        step += 1
         bar.update(len(x))
-        if state.step % 20 == 0 or state.step == cfg.total_steps:
-            bar.set_postfix(loss=f"{out.loss.item():.4f}", L0=f"{fires.sum() / len(x):.1f}",
-                            dead=f"{(state.steps_since_fired >= cfg.dead_window).float().mean():.1%}")
-        del out                 # frees this step's [batch, d_sae] activations before the next forward
-        if on_eval is not None and state.step % cfg.eval_every == 0 and state.step < cfg.total_steps:
-            tqdm.write(format_metrics(state.step, on_eval(sae, state)))
+        if step % 20 == 0 or step == cfg.total_steps:     # the last SAE's numbers
+            bar.set_postfix(loss=f"{loss.item():.4f}", L0=f"{fires.sum() / len(x):.1f}",
+                            dead=f"{(states[-1].steps_since_fired >= cfg.dead_window).float().mean():.1%}")
+        if on_eval is not None and step % cfg.eval_every == 0 and step < cfg.total_steps:
+            for sae, metrics in zip(saes, on_eval()):
+                tqdm.write(format_metrics(step, metrics, sae.l1_coeff if len(saes) > 1 else None))
     bar.close()
-    return state
+    return states[0] if single else states
 
 
-def format_metrics(step: int, m: dict) -> str:
-    line = f"step {step:>6} | EV {m['explained_variance']:.3f} | L0 {m['l0']:.1f} | L1 {m['l1']:.1f}"
+def format_metrics(step: int, m: dict, l1_coeff: float | None = None) -> str:
+    line = f"L1 coeff {l1_coeff:g} | " if l1_coeff is not None else ""
+    line += f"step {step:>6} | EV {m['explained_variance']:.3f} | L0 {m['l0']:.1f} | L1 {m['l1']:.1f}"
     line += f" | CE {m['ce_sae']:.3f} (clean {m['ce_clean']:.3f}) | CE rec {m['ce_recovered']:.3f}"
     if "alive_fraction" in m:
         line += f" | alive {m['alive_fraction']:.1%} over {m['density_tokens']:,} tok"
@@ -313,11 +330,12 @@ def format_metrics(step: int, m: dict) -> str:
 # checkpoints: everything needed to continue as if never stopped
 
 
-def save_checkpoint(path: str, sae: SAE, state: TrainState, cfg: Config, buffer: ActivationBuffer,
-                    run_dir: str):
-    ckpt = {"cfg": asdict(cfg), "run_dir": run_dir, "sae": sae.state_dict(),
-            "optimizer": state.optimizer.state_dict(), "buffer": buffer.state_dict(),
-            "state": {k: v for k, v in vars(state).items() if k != "optimizer"}}
+def save_checkpoint(path: str, saes: list[SAE], states: list[TrainState], cfg: Config,
+                    buffer: ActivationBuffer, run_dir: str):
+    ckpt = {"cfg": asdict(cfg), "run_dir": run_dir, "l1_coeffs": [sae.l1_coeff for sae in saes],
+            "saes": [sae.state_dict() for sae in saes], "buffer": buffer.state_dict(),
+            "optimizers": [state.optimizer.state_dict() for state in states],
+            "states": [{k: v for k, v in vars(state).items() if k != "optimizer"} for state in states]}
     atomic_write(path, lambda p: torch.save(ckpt, p))
 
 
@@ -331,11 +349,13 @@ def load_checkpoint(path: str) -> dict:
                         "start a new run, or resume from another checkpoint.") from None
 
 
-def restore(ckpt: dict, sae: SAE, state: TrainState, buffer: ActivationBuffer):
-    sae.load_state_dict(ckpt["sae"])
-    state.optimizer.load_state_dict(ckpt["optimizer"])
-    for k, v in ckpt["state"].items():
-        setattr(state, k, v)
+def restore(ckpt: dict, saes: list[SAE], states: list[TrainState], buffer: ActivationBuffer):
+    for sae, state, weights, optimizer, counters in zip(saes, states, ckpt["saes"], ckpt["optimizers"],
+                                                        ckpt["states"]):
+        sae.load_state_dict(weights)
+        state.optimizer.load_state_dict(optimizer)
+        for k, v in counters.items():
+            setattr(state, k, v)
     buffer.load_state_dict(ckpt["buffer"])
 
 
@@ -434,15 +454,17 @@ def training_contexts(corpus, skip: int, tokenizer, cfg: Config):
 
 
 def run(argv: list[str]) -> str:
-    """The whole run; returns the run folder."""
+    """The whole run; returns the run folder (with several L1 coefficients: the folder of their folders)."""
     flags, resume = parse_args(argv)
     ckpt = None
     if resume:
         ckpt = load_checkpoint(resume)
         cfg, lines = Config(**ckpt["cfg"]), []     # what was used: never re-decide on resume
         flags = {n: getattr(cfg, n) for n in CLI_FIELDS}
+        l1_coeffs = ckpt["l1_coeffs"]
     else:
         cfg, lines = make_config(flags)
+        l1_coeffs = flags["l1_coeff"] if isinstance(flags.get("l1_coeff"), list) else [cfg.l1_coeff]
         if cfg.precision == "auto":
             cfg.precision = "bfloat16" if native_bf16() else "float32"
 
@@ -462,7 +484,8 @@ def run(argv: list[str]) -> str:
     print(f"config: {json.dumps(asdict(cfg))}")
     print(f"sizes: d_in {cfg.d_in}, d_sae {cfg.d_sae}, {cfg.total_steps} steps of {cfg.batch_size} tokens, "
           f"buffer {cfg.buffer_size:,} activations, hook {cfg.hook_name}, device {device}, {cfg.precision}"
-          + (" (fp32 matmuls via oneDNN, checked exact)" if onednn else ""))
+          + (" (fp32 matmuls via oneDNN, checked exact)" if onednn else "")
+          + (f"; {len(l1_coeffs)} SAEs on the same batches, L1 coefficients {l1_coeffs}" if len(l1_coeffs) > 1 else ""))
 
     special_ids = special_token_ids(model.tokenizer)
     tokens, n_held_out_rows = held_out_contexts(corpus, model.tokenizer, cfg)
@@ -475,41 +498,53 @@ def run(argv: list[str]) -> str:
                                bf16=cfg.precision == "bfloat16")
     buffer = ActivationBuffer(chunks, cfg.buffer_size, cfg.batch_size, seed=cfg.seed)
 
-    # --- SAE init
-    # SAEs of different layers start from different random directions: with one shared start, a
-    # cross-layer comparison (analyze.ipynb) would find matches that are only the initialisation
-    torch.manual_seed(cfg.seed + 1000 * cfg.layer)
-    sae = SAE(cfg.d_in, cfg.d_sae, cfg.l1_coeff).to(device)
-    state = new_state(sae, cfg)
+    # --- SAE init: one SAE per L1 coefficient, each with its own folder when there are several
+    saes, states = [], []
+    for l1_coeff in l1_coeffs:
+        # SAEs of different layers start from different random directions: with one shared start, a
+        # cross-layer comparison (analyze.ipynb) would find matches that are only the initialisation
+        torch.manual_seed(cfg.seed + 1000 * cfg.layer)
+        saes.append(SAE(cfg.d_in, cfg.d_sae, l1_coeff).to(device))
+        states.append(new_state(saes[-1], cfg))
     if ckpt is None:
         run_dir = os.path.join(cfg.out_dir, f"{cfg.model}_L{cfg.layer}_{time.strftime('%Y%m%d-%H%M%S')}")
-        init_b_dec(sae, buffer.sample(262_144).float(), cfg.b_dec_init)   # the release used ~262k activations
+        median_sample = buffer.sample(262_144).float()          # the release used ~262k activations
+        for sae in saes:
+            init_b_dec(sae, median_sample, cfg.b_dec_init)
+        del median_sample
     else:
         run_dir = ckpt["run_dir"]
-        restore(ckpt, sae, state, buffer)
-        print(f"resuming {run_dir} at step {state.step}")
+        restore(ckpt, saes, states, buffer)
+        print(f"resuming {run_dir} at step {states[0].step}")
+    sae_dirs = [run_dir] if len(saes) == 1 else [os.path.join(run_dir, f"l1_{v:g}") for v in l1_coeffs]
     os.makedirs(run_dir, exist_ok=True)
     checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
 
-    def save(metrics: dict | None = None):
-        density, n_tokens = state.density()
-        sae.save(run_dir, {**config_dict(cfg), "steps": state.step, "tokens": state.step * cfg.batch_size,
-                           "density_tokens": n_tokens}, log10_density(density))
-        if metrics is not None:
-            atomic_write(os.path.join(run_dir, "metrics.json"), lambda p: write_json(metrics, p))
+    def save(metrics: list[dict] | None = None):
+        for i, (sae, state, folder) in enumerate(zip(saes, states, sae_dirs)):
+            density, n_tokens = state.density()
+            sae_cfg = config_dict(replace(cfg, l1_coeff=sae.l1_coeff))
+            sae.save(folder, {**sae_cfg, "steps": state.step, "tokens": state.step * cfg.batch_size,
+                              "density_tokens": n_tokens}, log10_density(density))
+            if metrics is not None:
+                atomic_write(os.path.join(folder, "metrics.json"), lambda p: write_json(metrics[i], p))
 
-    def measure(with_kl: bool) -> dict:
-        sae.eval()
-        metrics = evaluate(sae, model, held_out, cfg.layer, with_kl=with_kl)
-        sae.train()
-        density, n_tokens = state.density()
-        return {**metrics, "alive_fraction": (density > 0).float().mean().item(), "density_tokens": n_tokens,
-                "dense_fraction": (density > 1e-2).float().mean().item(),
-                "very_dense_fraction": (density > 1e-1).float().mean().item()}
+    def measure(with_kl: bool) -> list[dict]:
+        results = []
+        for sae, state in zip(saes, states):
+            sae.eval()
+            metrics = evaluate(sae, model, held_out, cfg.layer, with_kl=with_kl)
+            sae.train()
+            density, n_tokens = state.density()
+            results.append({**metrics, "l1_coeff": sae.l1_coeff, "density_tokens": n_tokens,
+                            "alive_fraction": (density > 0).float().mean().item(),
+                            "dense_fraction": (density > 1e-2).float().mean().item(),
+                            "very_dense_fraction": (density > 1e-1).float().mean().item()})
+        return results
 
-    def on_eval(sae: SAE, state: TrainState) -> dict:
+    def on_eval() -> list[dict]:
         # a resumable checkpoint at every evaluation: a hard kill loses at most eval_every steps
-        save_checkpoint(checkpoint_path, sae, state, cfg, buffer, run_dir)
+        save_checkpoint(checkpoint_path, saes, states, cfg, buffer, run_dir)
         save()
         return measure(with_kl=False)
 
@@ -523,11 +558,12 @@ def run(argv: list[str]) -> str:
 
     handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        train(sae, buffer, cfg, state, on_eval, stop)
+        train(saes, buffer, cfg, states, on_eval, stop)
     except BaseException as e:
-        save_checkpoint(checkpoint_path, sae, state, cfg, buffer, run_dir)
+        save_checkpoint(checkpoint_path, saes, states, cfg, buffer, run_dir)
         save()
-        msg = f"stopped at step {state.step}: {e}" if str(e) else f"stopped at step {state.step}"
+        step = states[0].step
+        msg = f"stopped at step {step}: {e}" if str(e) else f"stopped at step {step}"
         hint = " Try a lower --lr or --l1_coeff." if isinstance(e, FloatingPointError) else ""
         raise UserError(f"{msg}.{hint} Saved the SAE in {run_dir}; continue with "
                         f"`python train.py --resume={checkpoint_path}`.") from e
@@ -535,41 +571,46 @@ def run(argv: list[str]) -> str:
         for s, handler in handlers.items():
             signal.signal(s, handler)
     if stop.is_set():
-        save_checkpoint(checkpoint_path, sae, state, cfg, buffer, run_dir)
+        save_checkpoint(checkpoint_path, saes, states, cfg, buffer, run_dir)
         save()
-        print(f"Stopped at step {state.step}. Continue with `python train.py --resume={checkpoint_path}`.")
+        print(f"Stopped at step {states[0].step}. Continue with `python train.py --resume={checkpoint_path}`.")
         return run_dir
 
     # --- final evaluation and outputs
     metrics = measure(with_kl=True)
-    metrics.update(steps=state.step, tokens=state.step * cfg.batch_size, model=cfg.model,
-                   dataset=cfg.dataset, layer=cfg.layer, failed=metrics["explained_variance"] < 0)
+    for m, state in zip(metrics, states):
+        m.update(steps=state.step, tokens=state.step * cfg.batch_size, model=cfg.model,
+                 dataset=cfg.dataset, layer=cfg.layer, failed=m["explained_variance"] < 0)
     save(metrics)
     if os.path.exists(checkpoint_path):
-        os.remove(checkpoint_path)              # the run is complete; the final SAE is saved
-    report(cfg, state, metrics, run_dir)
+        os.remove(checkpoint_path)              # the run is complete; the final SAEs are saved
+    report(cfg, states, metrics, sae_dirs)
     return run_dir
 
 
-def report(cfg: Config, state: TrainState, m: dict, run_dir: str):
-    print(format_metrics(state.step, m))
-    if m["failed"]:
-        raise UserError(f"This run failed: the SAE explains less variance than the mean activation would "
-                        f"(EV {m['explained_variance']:.3f} on held-out tokens), so its numbers mean nothing. "
-                        "Train longer (--total_tokens) or with a larger --lr; the SAE is in " + run_dir + ".")
-    print(f"\n{'layer':>5} {'var. expl.':>10} {'L0':>6} {'% alive':>8} {'% dense':>8} {'CE clean':>8} "
-          f"{'CE SAE':>7} {'CE rec.':>7} {'KL score':>8}")
-    print(f"{cfg.layer:>5} {m['explained_variance']:>10.2%} {m['l0']:>6.2f} {m['alive_fraction']:>8.1%} "
-          f"{m['dense_fraction']:>8.1%} {m['ce_clean']:>8.3f} {m['ce_sae']:>7.3f} {m['ce_recovered']:>7.3f} "
-          f"{m['kl_score']:>8.3f}")
-    density, n_tokens = state.density()
-    print(f"(EV, L0, CE and KL on {m['eval_tokens']:,} held-out tokens; alive and dense over the last "
-          f"{n_tokens:,} training tokens; CE increase {m['ce_increase']:.3f} nats; shrinkage: "
-          f"|x_hat|/|x| {m['l2_ratio']:.3f}, bias {m['relative_reconstruction_bias']:.3f}; "
-          f"{cfg.model} on {cfg.dataset})")
-    print(f"\nlog10 feature density ({cfg.d_sae} features; dense > -2, dead at -10):")
-    print(density_histogram(log10_density(density).cpu()))
-    print(f"\nsaved to {run_dir}")
+def report(cfg: Config, states: list[TrainState], metrics: list[dict], folders: list[str]):
+    """The final table (one row per SAE), the density histogram(s), and where everything is."""
+    print(f"\n{'layer':>5} {'L1 coeff':>8} {'var. expl.':>10} {'L0':>6} {'% alive':>8} {'% dense':>8} "
+          f"{'CE clean':>8} {'CE SAE':>7} {'CE rec.':>7} {'KL score':>8}")
+    for m in metrics:
+        print(f"{cfg.layer:>5} {m['l1_coeff']:>8.2g} {m['explained_variance']:>10.2%} {m['l0']:>6.2f} "
+              f"{m['alive_fraction']:>8.1%} {m['dense_fraction']:>8.1%} {m['ce_clean']:>8.3f} "
+              f"{m['ce_sae']:>7.3f} {m['ce_recovered']:>7.3f} {m['kl_score']:>8.3f}")
+    for state, m, folder in zip(states, metrics, folders):
+        density, n_tokens = state.density()
+        print(f"\nL1 coeff {m['l1_coeff']:g}: EV, L0, CE and KL on {m['eval_tokens']:,} held-out tokens; alive "
+              f"and dense over the last {n_tokens:,} training tokens; CE increase {m['ce_increase']:.3f} nats; "
+              f"shrinkage |x_hat|/|x| {m['l2_ratio']:.3f}, bias {m['relative_reconstruction_bias']:.3f}; "
+              f"{cfg.model} on {cfg.dataset}.")
+        print(f"log10 feature density ({cfg.d_sae} features; dense > -2, dead at -10):")
+        print(density_histogram(log10_density(density).cpu()))
+        print(f"saved to {folder}")
+    failed = [m for m in metrics if m["failed"]]
+    if failed:
+        raise UserError(f"This run failed: {'an SAE explains' if len(metrics) > 1 else 'the SAE explains'} less "
+                        f"variance than the mean activation would (EV {failed[0]['explained_variance']:.3f} on "
+                        "held-out tokens), so its numbers mean nothing. Train longer (--total_tokens) or with a "
+                        "larger --lr.")
 
 
 def main():
