@@ -41,7 +41,8 @@ CPU_PRESET = dict(
     total_tokens=4_000_000,
     expansion=8,                # d_sae = 4,608 for SmolLM2 (d_in 576), 6,144 for GPT-2 (768)
     batch_size=1024,            # more, smaller steps: ~3,900 instead of ~980
-    lr=1e-3,                    # a short run needs a larger step than the post's 4e-4
+    lr=8e-3,                    # a short run gains from a larger step than the post's 4e-4 ...
+    lr_decay=0.2,               # ... and from letting it fall to 0 at the end (benchmarks/README.md)
     buffer_contexts=1024,       # ~130k activations: fills in seconds
     eval_contexts=32,
 )
@@ -430,15 +431,25 @@ def held_out_contexts(corpus, tokenizer, cfg: Config) -> tuple[torch.Tensor, int
     return tokens, used[0]
 
 
-def training_contexts(corpus, skip: int, tokenizer, cfg: Config):
+def training_contexts(corpus, skip: int, tokenizer, cfg: Config, read: dict):
     """[model_batch, context_size] token batches from the rows after the held-out ones, pass after pass.
 
     A corpus whose first pass cannot fill one buffer is refused: looping over it would train on
     the same few contexts again and again, and every metric would be meaningless.
+    read["rows"] counts the rows pulled (held-out ones included) and read["passes"] the passes
+    begun: cfg.json records them, so analysis can start where training stopped reading.
     """
     n, passes = 0, 0
+
+    def counted_rows():
+        read["rows"] = skip
+        for row in documents(corpus, skip):
+            read["rows"] += 1
+            yield row
+
     while True:
-        for batch in token_contexts(documents(corpus, skip), tokenizer, cfg.context_size, cfg.model_batch):
+        read["passes"] = passes + 1
+        for batch in token_contexts(counted_rows(), tokenizer, cfg.context_size, cfg.model_batch):
             n += len(batch)
             yield batch
         passes += 1
@@ -490,7 +501,8 @@ def run(argv: list[str]) -> str:
     special_ids = special_token_ids(model.tokenizer)
     tokens, n_held_out_rows = held_out_contexts(corpus, model.tokenizer, cfg)
     held_out = make_held_out(model, tokens, cfg.layer, special_ids)
-    contexts = training_contexts(corpus, n_held_out_rows, model.tokenizer, cfg)
+    read = {}                                # how far into the corpus training has read
+    contexts = training_contexts(corpus, n_held_out_rows, model.tokenizer, cfg, read)
     if ckpt is not None:     # skip, without running the model, the contexts the run already used
         for _ in range(ckpt["buffer"]["chunks_read"]):
             next(contexts)
@@ -525,7 +537,9 @@ def run(argv: list[str]) -> str:
             density, n_tokens = state.density()
             sae_cfg = config_dict(replace(cfg, l1_coeff=sae.l1_coeff))
             sae.save(folder, {**sae_cfg, "steps": state.step, "tokens": state.step * cfg.batch_size,
-                              "density_tokens": n_tokens}, log10_density(density))
+                              "density_tokens": n_tokens, "held_out_rows": n_held_out_rows,
+                              "rows_read": read.get("rows", 0), "passes": read.get("passes", 0)},
+                     log10_density(density))
             if metrics is not None:
                 atomic_write(os.path.join(folder, "metrics.json"), lambda p: write_json(metrics[i], p))
 

@@ -61,6 +61,10 @@ def real_data(tokens: int, cache: str):
 
 
 def train_ours(acts, d_sae, batch, lr, l1, warmup, **extra) -> SAE:
+    import sae as sae_module
+    enc_scale = extra.pop("enc_scale", 1.0)
+    if extra.pop("batch_mse", False):     # experiment: normalise the MSE by the batch's mean centred norm
+        sae_module.normalized_mse = lambda x_hat, x, norm: ((x_hat - x) ** 2).mean() / norm.mean()
     cfg = Config(d_in=acts.shape[1], expansion=d_sae // acts.shape[1], batch_size=batch,
                  total_tokens=len(acts) // batch * batch, lr=lr, l1_coeff=l1, warmup_steps=warmup,
                  dead_window=max(1, round(5000 * (len(acts) // batch) / T.POST_STEPS)),
@@ -69,6 +73,7 @@ def train_ours(acts, d_sae, batch, lr, l1, warmup, **extra) -> SAE:
     sae = SAE(cfg.d_in, cfg.d_sae, cfg.l1_coeff)
     with torch.no_grad():
         sae.b_dec.copy_(geometric_median(acts[:100_000]))
+        sae.W_enc *= enc_scale              # experiment: a smaller encoder at the start
     T.train(sae, iter(acts.split(batch)), cfg)
     return sae.eval()
 
@@ -84,8 +89,10 @@ def train_saelens(acts, d_sae, batch, lr, l1, warmup, **extra) -> SAE:
     with torch.no_grad():
         sl.b_dec.copy_(geometric_median(acts[:100_000]))
     steps = len(acts) // batch
+    # lr_end: where a decay (lr_decay_steps > 0) ends; constant lr otherwise
+    lr_end = extra.pop("lr_end", lr * 1e-3 if extra.get("lr_decay_steps") else lr)
     trainer_cfg = SAETrainerConfig(total_training_samples=steps * batch, train_batch_size_samples=batch,
-                                   lr=lr, lr_end=lr, lr_warm_up_steps=warmup, device="cpu",
+                                   lr=lr, lr_end=lr_end, lr_warm_up_steps=warmup, device="cpu",
                                    dead_feature_window=max(1, steps // 10), feature_sampling_window=10**9,
                                    **extra)
     SAETrainer(trainer_cfg, sl, data_provider=iter(acts.split(batch))).fit()
@@ -117,12 +124,14 @@ def sweep(args):
                 f.write(json.dumps(row) + "\n")
 
 
-def synthetic_batches(n_true=400, d_in=64, batch=1024, l0=6, seed=0):
-    """Sparse codes over n_true unit directions in d_in dims (superposition) around a non-zero centre."""
-    g = torch.Generator().manual_seed(seed)
+def synthetic_batches(n_true=400, d_in=64, batch=1024, l0=6, sample_seed=0):
+    """Sparse codes over n_true unit directions in d_in dims (superposition) around a non-zero centre.
+    The directions, centre and frequencies are fixed; sample_seed picks the stream of samples."""
+    g = torch.Generator().manual_seed(0)
     true = F.normalize(torch.randn(n_true, d_in, generator=g), dim=-1)
     centre = 2 * torch.randn(d_in, generator=g)
     freq = torch.rand(n_true, generator=g) * 2 * l0 / n_true            # varied feature frequencies
+    g.manual_seed(1000 + sample_seed)
 
     def batches():
         while True:
@@ -140,7 +149,7 @@ def synthetic(args):
         acts = torch.cat([next(batches) for _ in range(args.steps)])
         sae = TRAINERS[trainer](acts, 512, 1024, lr, l1, 50)
         best = (F.normalize(sae.W_dec, dim=-1) @ true.T).max(0).values
-        x = next(synthetic_batches(seed=1)[1])
+        x = next(synthetic_batches(sample_seed=1)[1])
         acts_ = sae.encode(x)
         ev = 1 - ((sae.decode(acts_) - x) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
         row = {"task": "synthetic", "trainer": trainer, "tag": args.tag, "lr": lr, "l1": l1, "steps": args.steps,
@@ -152,8 +161,17 @@ def synthetic(args):
 
 
 def frontier(rows):
-    """Per (trainer, tag): the upper envelope of EV and CE recovered against log L0."""
+    """The points of one (trainer, tag, lr) sorted by L0."""
     return sorted(rows, key=lambda r: r["l0"])
+
+
+def interpolate(points, l0: float, metric: str) -> float | None:
+    """metric at this L0, linear in log L0 between the two nearest points (None outside their range)."""
+    for a, b in zip(points, points[1:]):
+        if a["l0"] <= l0 <= b["l0"]:
+            t = math.log(l0 / a["l0"]) / math.log(b["l0"] / a["l0"])
+            return a[metric] + t * (b[metric] - a[metric])
+    return None
 
 
 def report(args):
@@ -168,6 +186,16 @@ def report(args):
             print(f"{key[0]:<10} {key[1]:<12} {key[2]:>8.1e} {r['l1']:>8.1e} {r['l0']:>7.1f} "
                   f"{r['explained_variance']:>6.3f} {r['ce_recovered']:>7.3f} {r['ce_increase']:>7.3f} "
                   f"{r['kl_score']:>6.3f}")
+    print("\nmatched L0 (log-L0 interpolation): each curve of ours against each SAELens curve")
+    for ours in (k for k in sorted(groups) if k[0] == "ours"):
+        for theirs in (k for k in sorted(groups) if k[0] == "saelens"):
+            for p in frontier(groups[ours]):
+                ev = interpolate(frontier(groups[theirs]), p["l0"], "explained_variance")
+                ce = interpolate(frontier(groups[theirs]), p["l0"], "ce_recovered")
+                if ev is not None:
+                    print(f"  ours {ours[1] or 'plain'} lr {ours[2]:g} vs SAELens {theirs[1] or 'plain'} lr {theirs[2]:g}"
+                          f" at L0 {p['l0']:6.1f}: EV {p['explained_variance']:.3f} vs {ev:.3f} ({p['explained_variance'] - ev:+.3f}),"
+                          f" CE rec {p['ce_recovered']:.3f} vs {ce:.3f} ({p['ce_recovered'] - ce:+.3f})")
     for r in rows:
         if r["task"] == "synthetic":
             print(f"synthetic {r['trainer']:<8} {r['tag'] or '':<10} lr {r['lr']:.1e} l1 {r['l1']:.1e} "
