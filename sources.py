@@ -4,7 +4,7 @@ when it can be reached, local stand-ins when it cannot.
 
     hub_status()        is the hub reachable? Follows HF_HUB_OFFLINE & co, HF_ENDPOINT and proxies
     open_corpus()       a text or pre-tokenized dataset (hub, local folder, local text files)
-    documents()         its rows as strings or token-id lists, pass after pass
+    documents()         one pass over its rows, as strings or token-id lists
     load_model()        a TransformerLens HookedTransformer: GPT-2 from the hub, or SmolLM2-135M offline
 
 train.py decides which to use and says so in its banner; this file only knows how.
@@ -109,10 +109,14 @@ class Corpus:
     it can hold the held-out contexts plus one buffer (every token is at least one byte).
     """
 
-    def __init__(self, name: str, rows, column: str, n_bytes: int | None = None,
+    def __init__(self, name: str, rows, first: dict, n_bytes: int | None = None,
                  tokenizer_name: str | None = None):
-        self.name, self.rows, self.column, self.n_bytes = name, rows, column, n_bytes
+        self.name, self.rows, self.first, self.n_bytes = name, rows, first, n_bytes
         self.tokenizer_name = tokenizer_name     # the tokenizer a pre-tokenized set records, if any
+        self.column = "text" if "text" in first else next((c for c in TOKEN_COLUMNS if c in first), "")
+        if not self.column:
+            raise UserError(f"The dataset {name} has no 'text' column and no token column "
+                            f"({' or '.join(TOKEN_COLUMNS)}); its columns are {sorted(first)}.")
 
     @property
     def pretokenized(self) -> bool:
@@ -137,16 +141,19 @@ def open_corpus(name: str, seed: int = 0) -> Corpus:
     from datasets.utils.logging import disable_progress_bar
     disable_progress_bar()                     # our progress bar is the one the user should see
 
-    if name == "python-stdlib" or os.path.isfile(name) or _has_files(name, TEXT_SUFFIXES):
-        files = stdlib_files() if name == "python-stdlib" else _text_files(name)
+    in_folder = _walk(name) if os.path.isdir(name) else []       # one walk of a local folder
+    text_files = [f for f in in_folder if f.endswith(TEXT_SUFFIXES)]
+    data_files = [f for f in in_folder if f.endswith(DATA_SUFFIXES)]
+    if name == "python-stdlib" or os.path.isfile(name) or text_files:
+        files = stdlib_files() if name == "python-stdlib" else [name] if os.path.isfile(name) else text_files
         files = sorted(files)
         random.Random(seed).shuffle(files)     # mix the corpus: held-out data then looks like training data
         # a file that is not valid UTF-8 (the stdlib has a few) gets U+FFFD instead of stopping the run
         rows = load_dataset("text", data_files=files, sample_by="document", encoding_errors="replace",
                             split="train", streaming=True)
         n_bytes = sum(os.path.getsize(f) for f in files)
-        return _checked(Corpus(name, rows, "text", n_bytes), _first_row(rows, name))
-    if os.path.isdir(name) and not _has_files(name, DATA_SUFFIXES):
+        return Corpus(name, rows, _first_row(rows, name), n_bytes)
+    if os.path.isdir(name) and not data_files:
         raise UserError(f"--dataset={name} holds no text files ({', '.join(TEXT_SUFFIXES)}) and no data "
                         f"files ({', '.join(DATA_SUFFIXES)}): point it at a folder that does.")
     if not os.path.exists(name) and (name.startswith((".", "/", "~")) or name.count("/") > 1):
@@ -159,25 +166,14 @@ def open_corpus(name: str, seed: int = 0) -> Corpus:
         raise
     except Exception as e:
         raise UserError(f"The dataset {name} could not be opened ({_reason(e)}).") from None
-    n_bytes = _folder_bytes(name) if os.path.isdir(name) else None
-    return _checked(Corpus(name, rows, "", n_bytes, _recorded_tokenizer(name)), first)
+    n_bytes = sum(os.path.getsize(f) for f in data_files) if os.path.isdir(name) else None
+    return Corpus(name, rows, first, n_bytes, _recorded_tokenizer(name))
 
 
 def _first_row(rows, name: str) -> dict:
     for row in rows:
         return row
     raise UserError(f"The dataset {name} is empty: give one with some text in it.")
-
-
-def _checked(corpus: Corpus, first: dict) -> Corpus:
-    if "text" in first:
-        corpus.column = "text"
-    else:
-        corpus.column = next((c for c in TOKEN_COLUMNS if c in first), "")
-    if not corpus.column:
-        raise UserError(f"The dataset {corpus.name} has no 'text' column and no token column "
-                        f"({' or '.join(TOKEN_COLUMNS)}); its columns are {sorted(first)}.")
-    return corpus
 
 
 def _reason(e: Exception) -> str:
@@ -187,20 +183,8 @@ def _reason(e: Exception) -> str:
     return f"{type(e).__name__}: {text[:200]}"
 
 
-def _has_files(path: str, suffixes) -> bool:
-    return os.path.isdir(path) and any(f.endswith(suffixes) for f in _walk(path))
-
-
 def _walk(path: str) -> list[str]:
     return [f for f in glob.glob(os.path.join(path, "**", "*"), recursive=True) if os.path.isfile(f)]
-
-
-def _text_files(path: str) -> list[str]:
-    return [path] if os.path.isfile(path) else [f for f in _walk(path) if f.endswith(TEXT_SUFFIXES)]
-
-
-def _folder_bytes(path: str) -> int:
-    return sum(os.path.getsize(f) for f in _walk(path) if f.endswith(DATA_SUFFIXES))
 
 
 def _recorded_tokenizer(name: str) -> str | None:
@@ -225,7 +209,7 @@ def check_tokens_fit(corpus: Corpus, tokenizer, n_vocab: int, model_name: str):
     """
     if not corpus.pretokenized:
         return
-    ids = list(next(iter(corpus.rows))[corpus.column])[:256]
+    ids = list(corpus.first[corpus.column])[:256]           # read when the corpus was opened
     advice = f"use a dataset tokenized for {model_name}, or a text dataset"
     if not ids or max(ids) >= n_vocab or min(ids) < 0:
         raise UserError(f"The dataset {corpus.name} holds token ids outside {model_name}'s vocabulary "
@@ -240,13 +224,16 @@ def check_tokens_fit(corpus: Corpus, tokenizer, n_vocab: int, model_name: str):
                         f"(its ids do not survive decoding and re-encoding): {advice}.")
 
 
-def documents(corpus: Corpus, skip: int = 0):
+def documents(corpus: Corpus, skip: int = 0, read: dict | None = None):
     """One pass over the corpus: its rows as strings (text) or lists of token ids.
 
     skip: rows left out at the start (the held-out rows: never trained on).
+    read: if given, read["rows"] is kept at the number of rows pulled so far, skipped ones included.
     """
     for i, row in enumerate(corpus.rows):
         if i >= skip:
+            if read is not None:
+                read["rows"] = i + 1
             yield row[corpus.column]
 
 

@@ -416,19 +416,13 @@ def open_data(cfg: Config, flags: dict, lines: list[str]):
 
 def held_out_contexts(corpus, tokenizer, cfg: Config) -> tuple[torch.Tensor, int]:
     """The first eval_contexts contexts of the corpus, and how many rows they used (never trained on)."""
-    rows = documents(corpus)
-    used = [0]
-
-    def counted():
-        for row in rows:
-            used[0] += 1
-            yield row
-
+    read = {"rows": 0}
+    rows = documents(corpus, read=read)
     try:
-        tokens = next(token_contexts(counted(), tokenizer, cfg.context_size, cfg.eval_contexts, docs_per_call=1))
+        tokens = next(token_contexts(rows, tokenizer, cfg.context_size, cfg.eval_contexts, docs_per_call=1))
     except StopIteration:
         raise UserError(f"The dataset {cfg.dataset} is too small to hold out {cfg.eval_contexts} contexts.") from None
-    return tokens, used[0]
+    return tokens, read["rows"]
 
 
 def training_contexts(corpus, skip: int, tokenizer, cfg: Config, read: dict):
@@ -440,16 +434,9 @@ def training_contexts(corpus, skip: int, tokenizer, cfg: Config, read: dict):
     begun: cfg.json records them, so analysis can start where training stopped reading.
     """
     n, passes = 0, 0
-
-    def counted_rows():
-        read["rows"] = skip
-        for row in documents(corpus, skip):
-            read["rows"] += 1
-            yield row
-
     while True:
         read["passes"] = passes + 1
-        for batch in token_contexts(counted_rows(), tokenizer, cfg.context_size, cfg.model_batch):
+        for batch in token_contexts(documents(corpus, skip, read), tokenizer, cfg.context_size, cfg.model_batch):
             n += len(batch)
             yield batch
         passes += 1
