@@ -55,6 +55,8 @@ class Config:
     expansion: int = 32                        # d_sae = expansion * d_in: 24,576 for GPT-2 small
     l1_coeff: float = 8e-5                     # the post; matches the MSE normalisation in SAE.forward
     b_dec_init: str = "geometric_median"       # geometric_median | mean | zeros
+    method: str = "feb2024"                    # feb2024: unit-norm decoder rows (the post) | apr2024: free
+                                               # row norms, L1 weighted by them (Anthropic, Apr 2024); see SAE
     ghost_grads: bool = True                   # Anthropic's ghost gradients for dead features
     dead_window: int = 5000                    # steps without firing before a feature counts as dead
     # optimisation
@@ -196,20 +198,33 @@ class SAE(nn.Module):
         f(x)  = ReLU((x - b_dec) @ W_enc + b_enc)
         x_hat = f(x) @ W_dec + b_dec
 
-    W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_in] (rows of unit norm), b_dec [d_in].
+    W_enc [d_in, d_sae], b_enc [d_sae], W_dec [d_sae, d_in], b_dec [d_in].
+
+    Scaling f_i up and row i of W_dec down by the same factor leaves x_hat unchanged and
+    shrinks the L1 penalty, so the penalty must see each row's size. Two ways, one option apart:
+      method="feb2024" (the post): rows held at unit norm; after each step they are
+          rescaled to norm 1, and before it the gradient along each row is removed.
+      method="apr2024" (Anthropic's April 2024 update): rows free, the penalty is
+          sum_i f_i ||W_dec_i||, rows start at norm 0.1 and gradients are clipped to norm 1.
+    Both penalise the same thing: f_i ||W_dec_i|| is the size of what feature i writes.
+    save() writes either with unit-norm rows (f_i scaled up by the norm it absorbs).
     """
 
-    def __init__(self, d_in: int, d_sae: int, l1_coeff: float = 8e-5):
+    def __init__(self, d_in: int, d_sae: int, l1_coeff: float = 8e-5, method: str = "feb2024"):
         super().__init__()
-        self.d_in, self.d_sae, self.l1_coeff = d_in, d_sae, l1_coeff
+        self.d_in, self.d_sae, self.l1_coeff, self.method = d_in, d_sae, l1_coeff, method
         W_dec = torch.randn(d_sae, d_in)
-        W_dec /= W_dec.norm(dim=-1, keepdim=True)
+        W_dec *= (1.0 if method == "feb2024" else 0.1) / W_dec.norm(dim=-1, keepdim=True)
         self.W_dec = nn.Parameter(W_dec)                       # [d_sae, d_in]
         # the encoder starts as the decoder's transpose, so each feature first
         # reads the direction it writes (Anthropic, Apr 2024 update): fewer dead features
         self.W_enc = nn.Parameter(W_dec.T.clone())             # [d_in, d_sae]
         self.b_enc = nn.Parameter(torch.zeros(d_sae))          # [d_sae]
         self.b_dec = nn.Parameter(torch.zeros(d_in))           # [d_in]
+
+    @property
+    def unit_norm_decoder(self) -> bool:
+        return self.method == "feb2024"
 
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
         """b_enc + (x - b_dec) @ W_enc: [batch, d_sae]. Subtracting b_dec first makes it the SAE's
@@ -222,12 +237,18 @@ class SAE(nn.Module):
     def decode(self, acts: torch.Tensor) -> torch.Tensor:
         return acts @ self.W_dec + self.b_dec                  # [batch, d_in]
 
+    def l1_penalty(self, acts: torch.Tensor) -> torch.Tensor:
+        """sum_i f_i ||W_dec_i||, averaged over the batch (acts >= 0, so this is a weighted L1 norm)."""
+        if self.unit_norm_decoder:
+            return acts.sum(-1).mean()                         # the norms are 1
+        return (acts @ self.W_dec.norm(dim=-1)).mean()         # [batch, d_sae] @ [d_sae]
+
     def forward(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None) -> SAEOutput:
         """x [batch, d_in]; dead_mask [d_sae] bool marks the features that get ghost gradients."""
         acts = F.relu(self.pre_acts(x))                        # [batch, d_sae]
         # L1 before decoding, on purpose: autograd then adds the L1 gradient into the decoder's
         # gradient in place; the other order allocates one more [batch, d_sae] tensor
-        l1_loss = self.l1_coeff * acts.sum(-1).mean()          # acts >= 0, so sum = L1 norm
+        l1_loss = self.l1_coeff * self.l1_penalty(acts)
         x_hat = self.decode(acts)                              # [batch, d_in]
 
         x_centred_norm = (x - x.mean(0)).norm(dim=-1)          # [batch]
@@ -243,7 +264,7 @@ class SAE(nn.Module):
 
     @torch.no_grad()
     def remove_parallel_decoder_grad(self):
-        """Drop from each W_dec row's gradient its component along that row.
+        """feb2024: drop from each W_dec row's gradient its component along that row.
 
         A step along the row would only change the row's norm, which
         normalize_decoder undoes anyway; removing it keeps Adam's moment
@@ -254,23 +275,33 @@ class SAE(nn.Module):
 
     @torch.no_grad()
     def normalize_decoder(self):
-        """Rescale W_dec rows to unit norm. Call after optimizer.step().
+        """feb2024: rescale W_dec rows to unit norm. Call after optimizer.step().
 
         Without it the L1 penalty could be dodged by shrinking f and growing
         the decoder rows (Neel Nanda's original code lacked this step).
         """
         self.W_dec /= self.W_dec.norm(dim=-1, keepdim=True)
 
+    @torch.no_grad()
+    def unit_norm_weights(self) -> dict:
+        """The weights with every W_dec row at norm 1 and the same x_hat: row i divided by its
+        norm n_i, column i of W_enc and b_enc_i multiplied by it (so f_i grows by n_i)."""
+        if self.unit_norm_decoder:                  # already so: the weights as trained, bit for bit
+            return {k: v.detach() for k, v in self.state_dict().items()}
+        n = self.W_dec.norm(dim=-1)                                         # [d_sae]
+        return {"W_enc": self.W_enc * n, "b_enc": self.b_enc * n, "W_dec": self.W_dec / n[:, None],
+                "b_dec": self.b_dec.clone()}
+
     def save(self, folder: str, cfg_dict: dict, log10_density: torch.Tensor | None = None):
         """Write the released gpt2-small-res-jb layout: sae_weights / sparsity .safetensors + cfg.json."""
         os.makedirs(folder, exist_ok=True)
-        weights = {k: v.detach().float().cpu().contiguous() for k, v in self.state_dict().items()}
+        weights = {k: v.detach().float().cpu().contiguous() for k, v in self.unit_norm_weights().items()}
         atomic_write(os.path.join(folder, "sae_weights.safetensors"), lambda p: save_file(weights, p))
         if log10_density is not None:
             sparsity = {"sparsity": log10_density.float().cpu().contiguous()}
             atomic_write(os.path.join(folder, "sparsity.safetensors"), lambda p: save_file(sparsity, p))
         cfg = {**cfg_dict, "d_in": self.d_in, "d_sae": self.d_sae, "l1_coefficient": self.l1_coeff,
-               "dtype": "float32"}               # the dtype of the saved weights (loaders read it so)
+               "method": self.method, "dtype": "float32"}               # the dtype of the saved weights (loaders read it so)
         atomic_write(os.path.join(folder, "cfg.json"), lambda p: write_json(cfg, p))
 
     @classmethod
@@ -281,7 +312,7 @@ class SAE(nn.Module):
                 cfg = json.load(f)
             weights = load_file(os.path.join(folder, "sae_weights.safetensors"))
             with torch.device("meta"):           # shapes only: no random init that is overwritten at once
-                sae = cls(cfg["d_in"], cfg["d_sae"], cfg.get("l1_coefficient", 8e-5))
+                sae = cls(cfg["d_in"], cfg["d_sae"], cfg.get("l1_coefficient", 8e-5), cfg.get("method", "feb2024"))
             sae.load_state_dict({k: v.float() for k, v in weights.items()}, assign=True)
         except FileNotFoundError as e:
             raise ValueError(f"{folder} is not an SAE folder: {e.filename} is missing.") from None
@@ -335,25 +366,36 @@ def token_contexts(docs: Iterable[str | list[int]], tokenizer, context_size: int
 
 
 @torch.no_grad()
-def activation_chunks(model, contexts: Iterable[torch.Tensor], layer: int, special_ids: list[int],
+def activation_chunks(model, contexts: Iterable[torch.Tensor], layer: int | list[int], special_ids: list[int],
                       exclude_special: bool = True, bf16: bool = False) -> Iterator[torch.Tensor]:
     """Yield [n, d_in] residual-stream activations at blocks.{layer}.hook_resid_pre, one chunk per context batch.
 
     model(tokens, stop_at_layer=layer) runs the embedding and blocks 0..layer-1
     only and returns the residual stream entering block `layer`: exactly
     blocks.{layer}.hook_resid_pre, without the wasted work of the later blocks.
+    A list of layers gives [n, n_layers, d_in] chunks from one forward pass that stops
+    at the last of them, the earlier ones caught by hooks on the way.
     bf16=True runs those blocks under bf16 autocast and returns bf16 rows: rounding
     them adds an error the size of the one the bf16 matmuls already made, and halves
     the buffer (0.8 GB instead of 1.6 GB for the post's 520k activations).
     """
     device = next(model.parameters()).device
+    layers = layer if isinstance(layer, list) else [layer]
     for tokens in contexts:
         tokens = tokens.to(device)
-        with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
-            resid = model(tokens, stop_at_layer=layer)                      # [batch, pos, d_in]
-        if exclude_special:
-            resid = resid[~is_special(tokens, special_ids)]                 # [n, d_in]
-        yield resid.reshape(-1, resid.shape[-1]).to(torch.bfloat16 if bf16 else torch.float32)
+        caught = {}
+
+        def catch(act, hook):
+            caught[hook.name] = act                                         # returns None: act unchanged
+
+        hooks = [(f"blocks.{l}.hook_resid_pre", catch) for l in layers[:-1]]
+        with torch.autocast(device.type, torch.bfloat16, enabled=bf16), model.hooks(fwd_hooks=hooks):
+            resid = model(tokens, stop_at_layer=layers[-1])                 # [batch, pos, d_in]
+        if isinstance(layer, list):
+            resid = torch.stack([caught[f"blocks.{l}.hook_resid_pre"] for l in layers[:-1]] + [resid], 2)
+        # [n, (n_layers,) d_in]: the non-special positions, or all of them
+        resid = resid[~is_special(tokens, special_ids)] if exclude_special else resid.flatten(0, 1)
+        yield resid.to(torch.bfloat16 if bf16 else torch.float32)
 
 
 class ActivationBuffer:
@@ -367,6 +409,7 @@ class ActivationBuffer:
     (the post's "refill and shuffle when half used"), so every batch mixes
     activations from many documents. The shuffle is a random order of row
     indices, not a shuffled copy: a copy of a 1.6 GB buffer would double its memory.
+    Rows may hold several layers' activations of one token ([size, n_layers, d_in]).
     """
 
     def __init__(self, chunks: Iterator[torch.Tensor], size: int, batch_size: int, seed: int = 0):
@@ -385,7 +428,7 @@ class ActivationBuffer:
             chunk = next(self.chunks)
             self.chunks_read += 1
             if self.data is None:
-                self.data = torch.empty(self.size, chunk.shape[-1], dtype=chunk.dtype, device=chunk.device)
+                self.data = torch.empty(self.size, *chunk.shape[1:], dtype=chunk.dtype, device=chunk.device)
             n = min(len(chunk), len(rows) - done)
             self.data[rows[done:done + n].to(self.data.device)] = chunk[:n]   # the rest of the last chunk is dropped
             done += n
@@ -490,7 +533,7 @@ def evaluate(sae: SAE, model, held_out: HeldOut, layer: int, with_kl: bool = Tru
         acts = sae.encode(part)                                            # [1024, d_sae]
         x_hat.append(sae.decode(acts))                                     # [1024, d_in]
         l0 += (acts > 0).sum().item()
-        l1 += acts.sum().item()
+        l1 += sae.l1_penalty(acts).item() * len(part)
     x_hat = torch.cat(x_hat)                                               # [n, d_in]
     unexplained = ((x - x_hat) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
     spliced = held_out.resid.clone()

@@ -132,6 +132,39 @@ def test_decoder_rows_stay_unit_norm_and_parallel_gradient_is_removed():
     assert torch.allclose(sae.W_dec.norm(dim=-1), torch.ones(16), atol=1e-6)   # ...and they are back to 1
 
 
+def test_apr2024_penalty_weights_each_feature_by_its_decoder_norm_and_leaves_norms_free(tmp_path):
+    """method="apr2024": the L1 term is l1_coeff * sum_i f_i ||W_dec_i|| (by hand), rows start at norm 0.1,
+    a train step leaves the row norms where Adam put them, and save() writes the same function with
+    unit-norm rows (f_i scaled by the norm it absorbs), so loaders and analysis see one layout."""
+    sae = SAE(2, 3, l1_coeff=0.5, method="apr2024")
+    assert torch.allclose(sae.W_dec.norm(dim=-1), torch.full((3,), 0.1))
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.tensor([[1.0, 0.0, -1.0], [0.0, 1.0, 1.0]]))
+        sae.b_enc.copy_(torch.tensor([0.0, -0.5, 0.0]))
+        sae.W_dec.copy_(torch.tensor([[2.0, 0.0], [0.0, 0.5], [0.6, 0.8]]))     # norms 2, 0.5, 1
+        sae.b_dec.copy_(torch.tensor([0.5, 0.0]))
+    x = torch.tensor([[1.5, 2.0], [0.5, -1.0]])
+    # f = [[1, 1.5, 1], [0, 0, 0]] as in the hand computation above; weighted: 1*2 + 1.5*0.5 + 1*1 = 3.75
+    assert torch.isclose(sae(x).l1_loss, torch.tensor(0.5 * 3.75 / 2))
+
+    cfg = Config(d_in=8, expansion=4, batch_size=64, total_tokens=64 * 5, lr=0.05, warmup_steps=1,
+                 method="apr2024", precision="float32")
+    sae = SAE(cfg.d_in, cfg.d_sae, cfg.l1_coeff, cfg.method)
+    state = T.new_state(sae, cfg)
+    for _ in range(5):
+        T.train_step(sae, state, torch.randn(64, 8) + 1, cfg)
+    norms = sae.W_dec.norm(dim=-1)
+    assert (norms - 0.1).abs().max() > 1e-3 and (norms - 1).abs().min() > 1e-3   # free: neither 0.1 nor 1
+    x = torch.randn(32, 8)
+    sae.eval()
+    sae.save(str(tmp_path), {})
+    loaded = SAE.load(str(tmp_path))
+    assert loaded.method == "apr2024"
+    assert torch.allclose(loaded.W_dec.norm(dim=-1), torch.ones(32), atol=1e-6)
+    assert torch.allclose(loaded.decode(loaded.encode(x)), sae.decode(sae.encode(x)), atol=1e-5)
+    assert torch.allclose(loaded.l1_penalty(loaded.encode(x)), sae.l1_penalty(sae.encode(x)), rtol=1e-5)
+
+
 # -----------------------------------------------------------------------------
 # ghost gradients
 
@@ -567,6 +600,31 @@ def test_several_l1_coefficients_train_on_one_stream_each_as_if_alone(offline_ti
     assert l0[0] > l0[1] > l0[2], l0                                  # a larger coefficient, a sparser SAE
     rows = [line for line in out.splitlines() if line.strip().startswith("1 ")]
     assert len(rows) == 3
+
+
+def test_several_layers_train_from_one_forward_each_as_if_alone(offline_tiny, tiny_model, corpus, tmp_path,
+                                                                monkeypatch):
+    """`train.py 1,2` runs the model once per batch and trains one SAE per layer on that layer's
+    activations: each is saved in its own folder with its own layer in cfg.json, and is bit-identical
+    to the SAE that `train.py LAYER` trains alone (same tokens, same shuffle, same start)."""
+    args = [f"--dataset={corpus}"] + TINY_RUN
+    forwards, real_forward = [], tiny_model.forward
+    monkeypatch.setattr(tiny_model, "forward",
+                        lambda *a, **k: forwards.append(k.get("stop_at_layer")) or real_forward(*a, **k))
+    run_dir = T.run(["1,2"] + args + [f"--out_dir={tmp_path / 'both'}"])
+    monkeypatch.undo()
+    monkeypatch.setattr(T, "load_model", lambda name, device: tiny_model)
+    monkeypatch.setattr(T, "hub_status", lambda: (False, "no network in tests"))
+    assert sorted(os.listdir(run_dir)) == ["L1", "L2"]
+    # one forward to layer 1 (layer 1's held-out activations); every training batch: one forward to layer 2
+    assert forwards.count(1) == 1 and forwards.count(2) > 2, forwards
+    for layer in (1, 2):
+        together = SAE.load(os.path.join(run_dir, f"L{layer}"))
+        assert json.load(open(os.path.join(run_dir, f"L{layer}", "cfg.json")))["hook_point"] == \
+            f"blocks.{layer}.hook_resid_pre"
+        alone = SAE.load(T.run([str(layer)] + args + [f"--out_dir={tmp_path / f'alone{layer}'}"]))
+        for k, v in alone.state_dict().items():
+            assert torch.equal(v, together.state_dict()[k]), (layer, k)
 
 
 def run_dir_of(out_dir) -> str:

@@ -3,6 +3,7 @@ Train a sparse autoencoder on one layer of a language model's residual stream.
 
     python train.py 2                                          # layer 2
     python train.py 2 --total_tokens=2_000_000 --expansion=8   # any Config field (see sae.py)
+    python train.py 2,3 --l1_coeff=4e-5,8e-5                   # 4 SAEs from one model forward
     python train.py --resume=runs/<run>/checkpoint.pt          # continue a stopped or crashed run
 
 With internet: GPT-2 small on OpenWebText (pre-tokenized), the post's data.
@@ -55,6 +56,7 @@ RULES = {
     "preset": (lambda v: v in ("auto", "post", "cpu"), "auto, post or cpu"),
     "precision": (lambda v: v in ("auto", "float32", "bfloat16"), "auto, float32 or bfloat16"),
     "b_dec_init": (lambda v: v in ("geometric_median", "mean", "zeros"), "geometric_median, mean or zeros"),
+    "method": (lambda v: v in ("feb2024", "apr2024"), "feb2024 (the post) or apr2024"),
     "model": (lambda v: bool(v), "a model name"),
     "dataset": (lambda v: bool(v), "a dataset name or path"),
     "layer": (lambda v: v >= 0, "a layer number >= 0"),
@@ -99,8 +101,9 @@ def parse_args(argv: list[str]) -> tuple[dict, str | None]:
             print(__doc__ + "\nOptions (the post's value; the CPU preset changes some):\n"
                   + "\n".join(f"  --{n}={getattr(Config(), n)}" for n in CLI_FIELDS))
             sys.exit(0)
-        if arg.isdigit():
-            flags["layer"] = int(arg)
+        if arg.replace(",", "").isdigit() and "layer" not in flags:   # "2", or "2,3" for several layers
+            layers = sorted({int(v) for v in arg.split(",") if v})
+            flags["layer"] = layers if "," in arg else layers[0]
             continue
         name, eq, value = arg.removeprefix("--").partition("=")
         if not arg.startswith("--") or not eq:
@@ -114,7 +117,7 @@ def parse_args(argv: list[str]) -> tuple[dict, str | None]:
         else:
             raise UserError(f"Unknown option --{name}; allowed: {', '.join('--' + n for n in CLI_FIELDS)}, --resume.")
     if resume is None and "layer" not in flags:
-        raise UserError("Say which layer to train on, e.g. `python train.py 2`.")
+        raise UserError("Say which layer to train on, e.g. `python train.py 2` (or `2,3` for several).")
     if resume is not None and flags:
         raise UserError("--resume continues a run with its saved config: pass no other options.")
     return flags, resume
@@ -264,10 +267,15 @@ def train_step(sae: SAE, state: TrainState, x: torch.Tensor, cfg: Config) -> tup
     for group in state.optimizer.param_groups:
         group["lr"] = lr_at(state.step, cfg)
     out.loss.backward()
-    # order matters: drop the gradient along each decoder row, step, then renormalise
-    sae.remove_parallel_decoder_grad()
-    state.optimizer.step()
-    sae.normalize_decoder()
+    if sae.unit_norm_decoder:
+        # feb2024; order matters: drop the gradient along each decoder row, step, then renormalise
+        sae.remove_parallel_decoder_grad()
+        state.optimizer.step()
+        sae.normalize_decoder()
+    else:
+        # apr2024: free decoder norms; the update clips the gradient's global norm to 1
+        torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
+        state.optimizer.step()
     # --- TRAINING SECTION END
 
     with torch.no_grad():
@@ -285,11 +293,12 @@ def train_step(sae: SAE, state: TrainState, x: torch.Tensor, cfg: Config) -> tup
 
 @torch.enable_grad()             # works even if the caller turned gradients off (the notebook does)
 def train(saes: SAE | list[SAE], batches, cfg: Config, states=None, on_eval=None,
-          stop: threading.Event | None = None):
+          stop: threading.Event | None = None, inputs: list[int] | None = None):
     """Train an SAE, or several on the same batches, on an iterator of [batch_size, d_in] activations.
 
     Several SAEs (say, one per L1 coefficient: each holds its own l1_coeff) share every batch, so
-    the model forward that made it is paid once. Pass `states` to continue a run. on_eval() -> a list
+    the model forward that made it is paid once. With batches of several layers' activations
+    [batch_size, n_layers, d_in], inputs[k] says which layer SAE k trains on. Pass `states` to continue a run. on_eval() -> a list
     of metric dicts, one per SAE, is called every cfg.eval_every steps and printed. Setting `stop`
     ends the run at the end of the current step. Returns the TrainState (a list for a list of SAEs).
     """
@@ -303,23 +312,23 @@ def train(saes: SAE | list[SAE], batches, cfg: Config, states=None, on_eval=None
     bar = tqdm(total=cfg.total_steps * cfg.batch_size, initial=step * cfg.batch_size,
                unit="tok", unit_scale=True, dynamic_ncols=True)
     while step < cfg.total_steps and not (stop and stop.is_set()):
-        x = next(batches).to(saes[0].W_dec.device, torch.float32)                # [batch, d_in]
-        for sae, state in zip(saes, states):
-            loss, fires = train_step(sae, state, x, cfg)
+        x = next(batches).to(saes[0].W_dec.device, torch.float32)     # [batch, d_in] or [batch, n_layers, d_in]
+        for k, (sae, state) in enumerate(zip(saes, states)):
+            loss, fires = train_step(sae, state, x if inputs is None else x[:, inputs[k]], cfg)
         step += 1
         bar.update(len(x))
         if step % 20 == 0 or step == cfg.total_steps:     # the last SAE's numbers
             bar.set_postfix(loss=f"{loss.item():.4f}", L0=f"{fires.sum() / len(x):.1f}",
                             dead=f"{(states[-1].steps_since_fired >= cfg.dead_window).float().mean():.1%}")
         if on_eval is not None and step % cfg.eval_every == 0 and step < cfg.total_steps:
-            for sae, metrics in zip(saes, on_eval()):
-                tqdm.write(format_metrics(step, metrics, sae.l1_coeff if len(saes) > 1 else None))
+            for metrics in on_eval():
+                tqdm.write(format_metrics(step, metrics, len(saes) > 1))
     bar.close()
     return states[0] if single else states
 
 
-def format_metrics(step: int, m: dict, l1_coeff: float | None = None) -> str:
-    line = f"L1 coeff {l1_coeff:g} | " if l1_coeff is not None else ""
+def format_metrics(step: int, m: dict, which: bool = False) -> str:
+    line = f"layer {m['layer']} L1 coeff {m['l1_coeff']:g} | " if which else ""
     line += f"step {step:>6} | EV {m['explained_variance']:.3f} | L0 {m['l0']:.1f} | L1 {m['l1']:.1f}"
     line += f" | CE {m['ce_sae']:.3f} (clean {m['ce_clean']:.3f}) | CE rec {m['ce_recovered']:.3f}"
     if "alive_fraction" in m:
@@ -332,8 +341,9 @@ def format_metrics(step: int, m: dict, l1_coeff: float | None = None) -> str:
 
 
 def save_checkpoint(path: str, saes: list[SAE], states: list[TrainState], cfg: Config,
-                    buffer: ActivationBuffer, run_dir: str):
-    ckpt = {"cfg": asdict(cfg), "run_dir": run_dir, "l1_coeffs": [sae.l1_coeff for sae in saes],
+                    buffer: ActivationBuffer, run_dir: str, layers: list[int] | None = None):
+    ckpt = {"cfg": asdict(cfg), "run_dir": run_dir, "layers": layers or [cfg.layer],
+            "l1_coeffs": list(dict.fromkeys(sae.l1_coeff for sae in saes)),
             "saes": [sae.state_dict() for sae in saes], "buffer": buffer.state_dict(),
             "optimizers": [state.optimizer.state_dict() for state in states],
             "states": [{k: v for k, v in vars(state).items() if k != "optimizer"} for state in states]}
@@ -459,9 +469,10 @@ def run(argv: list[str]) -> str:
         ckpt = load_checkpoint(resume)
         cfg, lines = Config(**ckpt["cfg"]), []     # what was used: never re-decide on resume
         flags = {n: getattr(cfg, n) for n in CLI_FIELDS}
-        l1_coeffs = ckpt["l1_coeffs"]
+        layers, l1_coeffs = ckpt.get("layers", [cfg.layer]), ckpt["l1_coeffs"]
     else:
         cfg, lines = make_config(flags)
+        layers = flags["layer"] if isinstance(flags["layer"], list) else [cfg.layer]
         l1_coeffs = flags["l1_coeff"] if isinstance(flags.get("l1_coeff"), list) else [cfg.l1_coeff]
         if cfg.precision == "auto":
             cfg.precision = "bfloat16" if native_bf16() else "float32"
@@ -470,8 +481,9 @@ def run(argv: list[str]) -> str:
     lines = choose_sources(cfg, flags) + lines
     corpus = open_data(cfg, flags, lines)
     model = load_model(cfg.model, device)
-    if not 0 <= cfg.layer < model.cfg.n_layers:
-        raise UserError(f"Layer {cfg.layer} is out of range: {cfg.model} has layers 0..{model.cfg.n_layers - 1}.")
+    for layer in layers:
+        if not 0 <= layer < model.cfg.n_layers:
+            raise UserError(f"Layer {layer} is out of range: {cfg.model} has layers 0..{model.cfg.n_layers - 1}.")
     if cfg.context_size > model.cfg.n_ctx:
         raise UserError(f"--context_size={cfg.context_size} is longer than {cfg.model}'s {model.cfg.n_ctx} positions.")
     check_tokens_fit(corpus, model.tokenizer, model.cfg.d_vocab, cfg.model)
@@ -480,49 +492,56 @@ def run(argv: list[str]) -> str:
     for line in lines:
         print("!! " + line)
     print(f"config: {json.dumps(asdict(cfg))}")
+    settings = [(layer, l1_coeff) for layer in layers for l1_coeff in l1_coeffs]   # one SAE each
     print(f"sizes: d_in {cfg.d_in}, d_sae {cfg.d_sae}, {cfg.total_steps} steps of {cfg.batch_size} tokens, "
-          f"buffer {cfg.buffer_size:,} activations, hook {cfg.hook_name}, device {device}, {cfg.precision}"
-          + (" (fp32 matmuls via oneDNN, checked exact)" if onednn else "")
-          + (f"; {len(l1_coeffs)} SAEs on the same batches, L1 coefficients {l1_coeffs}" if len(l1_coeffs) > 1 else ""))
+          f"buffer {cfg.buffer_size:,} activations, hook {', '.join(f'blocks.{l}.hook_resid_pre' for l in layers)}, "
+          f"device {device}, {cfg.precision}" + (" (fp32 matmuls via oneDNN, checked exact)" if onednn else "")
+          + (f"; {len(settings)} SAEs on the same batches (layers {layers}, L1 coefficients {l1_coeffs})"
+             if len(settings) > 1 else ""))
 
     special_ids = special_token_ids(model.tokenizer)
     tokens, n_held_out_rows = held_out_contexts(corpus, model.tokenizer, cfg)
-    held_out = make_held_out(model, tokens, cfg.layer, special_ids)
+    held_out = {layer: make_held_out(model, tokens, layer, special_ids) for layer in layers}
     read = {}                                # how far into the corpus training has read
     contexts = training_contexts(corpus, n_held_out_rows, model.tokenizer, cfg, read)
     if ckpt is not None:     # skip, without running the model, the contexts the run already used
         for _ in range(ckpt["buffer"]["chunks_read"]):
             next(contexts)
-    chunks = activation_chunks(model, contexts, cfg.layer, special_ids, cfg.exclude_special_tokens,
-                               bf16=cfg.precision == "bfloat16")
+    # one forward for all layers: a buffer row holds a token's activations at each of them
+    chunks = activation_chunks(model, contexts, layers if len(layers) > 1 else layers[0], special_ids,
+                               cfg.exclude_special_tokens, bf16=cfg.precision == "bfloat16")
     buffer = ActivationBuffer(chunks, cfg.buffer_size, cfg.batch_size, seed=cfg.seed)
 
-    # --- SAE init: one SAE per L1 coefficient, each with its own folder when there are several
+    # --- SAE init: one SAE per (layer, L1 coefficient), each with its own folder when there are several
     saes, states = [], []
-    for l1_coeff in l1_coeffs:
+    for layer, l1_coeff in settings:
         # SAEs of different layers start from different random directions: with one shared start, a
         # cross-layer comparison (analyze.ipynb) would find matches that are only the initialisation
-        torch.manual_seed(cfg.seed + 1000 * cfg.layer)
-        saes.append(SAE(cfg.d_in, cfg.d_sae, l1_coeff).to(device))
+        torch.manual_seed(cfg.seed + 1000 * layer)
+        saes.append(SAE(cfg.d_in, cfg.d_sae, l1_coeff, cfg.method).to(device))
         states.append(new_state(saes[-1], cfg))
+    inputs = [layers.index(layer) for layer, _ in settings] if len(layers) > 1 else None
     if ckpt is None:
-        run_dir = os.path.join(cfg.out_dir, f"{cfg.model}_L{cfg.layer}_{time.strftime('%Y%m%d-%H%M%S')}")
-        median_sample = buffer.sample(262_144).float()          # the release used ~262k activations
-        for sae in saes:
-            init_b_dec(sae, median_sample, cfg.b_dec_init)
-        del median_sample
+        name = f"{cfg.model}_L{'-'.join(map(str, layers))}_{time.strftime('%Y%m%d-%H%M%S')}"
+        run_dir = os.path.join(cfg.out_dir, name)
+        sample = buffer.sample(262_144)                          # the release used ~262k activations
+        for k, sae in enumerate(saes):
+            init_b_dec(sae, (sample if inputs is None else sample[:, inputs[k]]).float(), cfg.b_dec_init)
+        del sample
     else:
         run_dir = ckpt["run_dir"]
         restore(ckpt, saes, states, buffer)
         print(f"resuming {run_dir} at step {states[0].step}")
-    sae_dirs = [run_dir] if len(saes) == 1 else [os.path.join(run_dir, f"l1_{v:g}") for v in l1_coeffs]
+    sae_dirs = [run_dir] if len(saes) == 1 else [os.path.join(run_dir, "_".join(
+        ([f"L{layer}"] if len(layers) > 1 else []) + ([f"l1_{v:g}"] if len(l1_coeffs) > 1 else [])))
+        for layer, v in settings]
     os.makedirs(run_dir, exist_ok=True)
     checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
 
     def save(metrics: list[dict] | None = None):
-        for i, (sae, state, folder) in enumerate(zip(saes, states, sae_dirs)):
+        for i, (sae, state, folder, (layer, _)) in enumerate(zip(saes, states, sae_dirs, settings)):
             density, n_tokens = state.density()
-            sae_cfg = config_dict(replace(cfg, l1_coeff=sae.l1_coeff))
+            sae_cfg = config_dict(replace(cfg, layer=layer, l1_coeff=sae.l1_coeff))
             sae.save(folder, {**sae_cfg, "steps": state.step, "tokens": state.step * cfg.batch_size,
                               "density_tokens": n_tokens, "held_out_rows": n_held_out_rows,
                               "rows_read": read.get("rows", 0), "passes": read.get("passes", 0)},
@@ -532,12 +551,12 @@ def run(argv: list[str]) -> str:
 
     def measure(with_kl: bool) -> list[dict]:
         results = []
-        for sae, state in zip(saes, states):
+        for sae, state, (layer, _) in zip(saes, states, settings):
             sae.eval()
-            metrics = evaluate(sae, model, held_out, cfg.layer, with_kl=with_kl)
+            metrics = evaluate(sae, model, held_out[layer], layer, with_kl=with_kl)
             sae.train()
             density, n_tokens = state.density()
-            results.append({**metrics, "l1_coeff": sae.l1_coeff, "density_tokens": n_tokens,
+            results.append({**metrics, "layer": layer, "l1_coeff": sae.l1_coeff, "density_tokens": n_tokens,
                             "alive_fraction": (density > 0).float().mean().item(),
                             "dense_fraction": (density > 1e-2).float().mean().item(),
                             "very_dense_fraction": (density > 1e-1).float().mean().item()})
@@ -545,7 +564,7 @@ def run(argv: list[str]) -> str:
 
     def on_eval() -> list[dict]:
         # a resumable checkpoint at every evaluation: a hard kill loses at most eval_every steps
-        save_checkpoint(checkpoint_path, saes, states, cfg, buffer, run_dir)
+        save_checkpoint(checkpoint_path, saes, states, cfg, buffer, run_dir, layers)
         save()
         return measure(with_kl=False)
 
@@ -559,9 +578,9 @@ def run(argv: list[str]) -> str:
 
     handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        train(saes, buffer, cfg, states, on_eval, stop)
+        train(saes, buffer, cfg, states, on_eval, stop, inputs)
     except BaseException as e:
-        save_checkpoint(checkpoint_path, saes, states, cfg, buffer, run_dir)
+        save_checkpoint(checkpoint_path, saes, states, cfg, buffer, run_dir, layers)
         save()
         step = states[0].step
         msg = f"stopped at step {step}: {e}" if str(e) else f"stopped at step {step}"
@@ -572,7 +591,7 @@ def run(argv: list[str]) -> str:
         for s, handler in handlers.items():
             signal.signal(s, handler)
     if stop.is_set():
-        save_checkpoint(checkpoint_path, saes, states, cfg, buffer, run_dir)
+        save_checkpoint(checkpoint_path, saes, states, cfg, buffer, run_dir, layers)
         save()
         print(f"Stopped at step {states[0].step}. Continue with `python train.py --resume={checkpoint_path}`.")
         return run_dir
@@ -581,7 +600,7 @@ def run(argv: list[str]) -> str:
     metrics = measure(with_kl=True)
     for m, state in zip(metrics, states):
         m.update(steps=state.step, tokens=state.step * cfg.batch_size, model=cfg.model,
-                 dataset=cfg.dataset, layer=cfg.layer, failed=m["explained_variance"] < 0)
+                 dataset=cfg.dataset, method=cfg.method, failed=m["explained_variance"] < 0)
     save(metrics)
     if os.path.exists(checkpoint_path):
         os.remove(checkpoint_path)              # the run is complete; the final SAEs are saved
@@ -594,12 +613,12 @@ def report(cfg: Config, states: list[TrainState], metrics: list[dict], folders: 
     print(f"\n{'layer':>5} {'L1 coeff':>8} {'var. expl.':>10} {'L0':>6} {'% alive':>8} {'% dense':>8} "
           f"{'CE clean':>8} {'CE SAE':>7} {'CE rec.':>7} {'KL score':>8}")
     for m in metrics:
-        print(f"{cfg.layer:>5} {m['l1_coeff']:>8.2g} {m['explained_variance']:>10.2%} {m['l0']:>6.2f} "
+        print(f"{m['layer']:>5} {m['l1_coeff']:>8.2g} {m['explained_variance']:>10.2%} {m['l0']:>6.2f} "
               f"{m['alive_fraction']:>8.1%} {m['dense_fraction']:>8.1%} {m['ce_clean']:>8.3f} "
               f"{m['ce_sae']:>7.3f} {m['ce_recovered']:>7.3f} {m['kl_score']:>8.3f}")
     for state, m, folder in zip(states, metrics, folders):
         density, n_tokens = state.density()
-        print(f"\nL1 coeff {m['l1_coeff']:g}: EV, L0, CE and KL on {m['eval_tokens']:,} held-out tokens; alive "
+        print(f"\nlayer {m['layer']}, L1 coeff {m['l1_coeff']:g}: EV, L0, CE and KL on {m['eval_tokens']:,} held-out tokens; alive "
               f"and dense over the last {n_tokens:,} training tokens; CE increase {m['ce_increase']:.3f} nats; "
               f"shrinkage |x_hat|/|x| {m['l2_ratio']:.3f}, bias {m['relative_reconstruction_bias']:.3f}; "
               f"{cfg.model} on {cfg.dataset}.")

@@ -70,7 +70,7 @@ def train_ours(acts, d_sae, batch, lr, l1, warmup, **extra) -> SAE:
                  dead_window=max(1, round(5000 * (len(acts) // batch) / T.POST_STEPS)),
                  eval_every=10**9, precision="float32", **extra)
     torch.manual_seed(0)
-    sae = SAE(cfg.d_in, cfg.d_sae, cfg.l1_coeff)
+    sae = SAE(cfg.d_in, cfg.d_sae, cfg.l1_coeff, cfg.method)
     with torch.no_grad():
         sae.b_dec.copy_(geometric_median(acts[:100_000]))
         sae.W_enc *= enc_scale              # experiment: a smaller encoder at the start
