@@ -63,6 +63,8 @@ class Config:
     lr: float = 4e-4                           # Adam, constant after warmup
     warmup_steps: int = 5000                   # linear LR warmup from ~0 (the post: 5000 of 73,242 steps)
     lr_decay: float = 0.0                      # share of the run at the end over which lr falls linearly to 0
+    l1_warmup: float = 0.0                     # share of the run at the start over which l1_coeff rises from 0
+    sparse_step: bool = True                   # once few features fire, a step that skips the zeros (same maths)
     batch_size: int = 4096                     # tokens (activations) per SAE step
     total_tokens: int = 300_000_000            # the post: 300M OpenWebText tokens
     seed: int = 0                              # SAE init and buffer shuffling
@@ -180,16 +182,93 @@ def ghost_grad_loss(pre_acts: torch.Tensor, W_dec: torch.Tensor, residual: torch
 
 
 # -----------------------------------------------------------------------------
+# The sparse step: the same maths, paying only for the (token, feature) pairs that fire
+#
+# Of a dense step's six [batch x d_in x d_sae] matmuls only one must be dense: the encoder's
+# forward (every pre-activation is needed to know which features fire). f is zero except at
+# the active pairs (t, j), L0 per token of d_sae, and ReLU passes no gradient where f = 0, so
+#     x_hat_t        = sum_{j active in t} f_tj W_dec_j            (gather rows, add)
+#     dL/dW_dec_j    = sum_{t active in j} f_tj dL/dx_hat_t        (gather tokens, add)
+#     dL/df_tj       = dL/dx_hat_t . W_dec_j                       (only at active pairs)
+#     dL/dW_enc[:,j] = sum_{t active in j} dL/dpre_tj (x_t - b_dec)
+#     dL/dx_t        = sum_{j active in t} dL/dpre_tj W_enc[:,j]
+# Each is a sum of gathered rows: F.embedding_bag(indices, table, offsets, per_sample_weights)
+# computes exactly that, bag by bag, with the pairs grouped by token (row order) or by feature.
+
+
+class ActivePairs(NamedTuple):
+    """The firing (token, feature) pairs of a batch, grouped two ways for embedding_bag."""
+    rows: torch.Tensor          # [nnz] token of each pair, sorted (row-major order)
+    cols: torch.Tensor          # [nnz] feature of each pair
+    row_offsets: torch.Tensor   # [batch] where each token's pairs start
+    by_col: torch.Tensor        # [nnz] a permutation grouping the pairs by feature
+    col_offsets: torch.Tensor   # [d_sae] where each feature's pairs start in that order
+    fires: torch.Tensor         # [d_sae] pairs per feature (int32)
+
+
+def active_pairs(pre_acts: torch.Tensor) -> ActivePairs:
+    rows, cols = (pre_acts > 0).nonzero(as_tuple=True)
+    per_row = torch.bincount(rows, minlength=pre_acts.shape[0])
+    per_col = torch.bincount(cols, minlength=pre_acts.shape[1])
+    return ActivePairs(rows, cols, per_row.cumsum(0) - per_row, torch.argsort(cols, stable=True),
+                       per_col.cumsum(0) - per_col, per_col.int())
+
+
+def gather_sum(indices, table, offsets, weights):
+    """Bag b: sum_k weights[k] * table[indices[k]] over k in offsets[b]..offsets[b+1]: [n_bags, d]."""
+    return F.embedding_bag(indices, table, offsets, mode="sum", per_sample_weights=weights)
+
+
+class SparseEncode(torch.autograd.Function):
+    """The pre-activations at the active pairs, taken from the dense encoder forward;
+    backward computes the encoder's gradients from those pairs only."""
+
+    @staticmethod
+    def forward(ctx, x_centred, W_enc, b_enc, pre_acts, pairs: ActivePairs):
+        ctx.save_for_backward(x_centred, W_enc)
+        ctx.pairs = pairs
+        return pre_acts[pairs.rows, pairs.cols].float()                          # [nnz]
+
+    @staticmethod
+    def backward(ctx, grad):                                                    # grad [nnz] = dL/dpre at pairs
+        x_centred, W_enc = ctx.saved_tensors
+        p = ctx.pairs
+        grad_W_enc = gather_sum(p.rows[p.by_col], x_centred, p.col_offsets, grad[p.by_col])     # [d_sae, d_in]
+        grad_b_enc = torch.zeros(W_enc.shape[1], device=grad.device).index_add_(0, p.cols, grad)
+        grad_x = gather_sum(p.cols, W_enc.T.contiguous(), p.row_offsets, grad)                  # [batch, d_in]
+        return grad_x, grad_W_enc.T.contiguous(), grad_b_enc, None, None
+
+
+class SparseDecode(torch.autograd.Function):
+    """sum_j f_tj W_dec_j over the active pairs: [batch, d_in] (the dense acts @ W_dec, without the zeros)."""
+
+    @staticmethod
+    def forward(ctx, values, W_dec, pairs: ActivePairs):
+        ctx.save_for_backward(values, W_dec)
+        ctx.pairs = pairs
+        return gather_sum(pairs.cols, W_dec, pairs.row_offsets, values)
+
+    @staticmethod
+    def backward(ctx, grad):                                                    # grad [batch, d_in] = dL/dx_hat
+        values, W_dec = ctx.saved_tensors
+        p = ctx.pairs
+        grad_W_dec = gather_sum(p.rows[p.by_col], grad, p.col_offsets, values[p.by_col])        # [d_sae, d_in]
+        grad_values = (grad[p.rows] * W_dec[p.cols]).sum(-1)                                    # [nnz]
+        return grad_values, grad_W_dec, None
+
+
+# -----------------------------------------------------------------------------
 # The sparse autoencoder
 
 
 class SAEOutput(NamedTuple):
     x_hat: torch.Tensor       # [batch, d_in] reconstruction
-    acts: torch.Tensor        # [batch, d_sae] feature activations f(x)
+    acts: torch.Tensor        # [batch, d_sae] feature activations f(x) (a sparse tensor from the sparse step)
     loss: torch.Tensor        # scalar: mse_loss + l1_loss + ghost_loss
     mse_loss: torch.Tensor    # scalar
     l1_loss: torch.Tensor     # scalar, already multiplied by l1_coeff
     ghost_loss: torch.Tensor  # scalar, 0 when no feature is dead
+    fires: torch.Tensor       # [d_sae] int32: how many tokens of the batch each feature fired on
 
 
 class SAE(nn.Module):
@@ -243,13 +322,31 @@ class SAE(nn.Module):
             return acts.sum(-1).mean()                         # the norms are 1
         return (acts @ self.W_dec.norm(dim=-1)).mean()         # [batch, d_sae] @ [d_sae]
 
-    def forward(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None) -> SAEOutput:
-        """x [batch, d_in]; dead_mask [d_sae] bool marks the features that get ghost gradients."""
-        acts = F.relu(self.pre_acts(x))                        # [batch, d_sae]
-        # L1 before decoding, on purpose: autograd then adds the L1 gradient into the decoder's
-        # gradient in place; the other order allocates one more [batch, d_sae] tensor
-        l1_loss = self.l1_coeff * self.l1_penalty(acts)
-        x_hat = self.decode(acts)                              # [batch, d_in]
+    def forward(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None, l1_scale: float = 1.0,
+                sparse: bool = False) -> SAEOutput:
+        """x [batch, d_in]; dead_mask [d_sae] bool marks the features that get ghost gradients;
+        l1_scale multiplies l1_coeff (train.py ramps it up from 0 when l1_warmup is set).
+        sparse=True computes the same loss and gradients through the sparse step (above)."""
+        if sparse:
+            with torch.no_grad():
+                pre_acts = self.pre_acts(x)                    # the one dense matmul
+                pairs = active_pairs(pre_acts)
+            values = SparseEncode.apply(x - self.b_dec, self.W_enc, self.b_enc, pre_acts, pairs)  # [nnz] f > 0
+            del pre_acts
+            weights = 1.0 if self.unit_norm_decoder else self.W_dec.norm(dim=-1)[pairs.cols]
+            l1_loss = l1_scale * self.l1_coeff * (values * weights).sum() / len(x)
+            x_hat = SparseDecode.apply(values, self.W_dec, pairs) + self.b_dec
+            acts = torch.sparse_coo_tensor(torch.stack([pairs.rows, pairs.cols]), values.detach(),
+                                           (len(x), self.d_sae), is_coalesced=True, check_invariants=False)
+            fires = pairs.fires
+        else:
+            acts = F.relu(self.pre_acts(x))                    # [batch, d_sae]
+            # L1 before decoding, on purpose: autograd then adds the L1 gradient into the decoder's
+            # gradient in place; the other order allocates one more [batch, d_sae] tensor
+            l1_loss = l1_scale * self.l1_coeff * self.l1_penalty(acts)
+            x_hat = self.decode(acts)                          # [batch, d_in]
+            with torch.no_grad():      # counted in int32: torch's default int64 sum of bools is slow on a CPU
+                fires = (acts > 0).sum(0, dtype=torch.int32)
 
         x_centred_norm = (x - x.mean(0)).norm(dim=-1)          # [batch]
         mse_loss = normalized_mse(x_hat, x, x_centred_norm)
@@ -260,7 +357,7 @@ class SAE(nn.Module):
             dead_pre_acts = torch.addmm(self.b_enc[dead_mask], x - self.b_dec, self.W_enc[:, dead_mask])
             ghost_loss = ghost_grad_loss(dead_pre_acts, self.W_dec[dead_mask], x - x_hat, mse_loss, x_centred_norm)
         loss = mse_loss + l1_loss + ghost_loss
-        return SAEOutput(x_hat, acts, loss, mse_loss, l1_loss, ghost_loss)
+        return SAEOutput(x_hat, acts, loss, mse_loss, l1_loss, ghost_loss, fires)
 
     @torch.no_grad()
     def remove_parallel_decoder_grad(self):

@@ -13,6 +13,7 @@ import os
 import random
 import re
 import signal
+from dataclasses import replace
 
 import datasets.config
 import huggingface_hub.constants
@@ -163,6 +164,56 @@ def test_apr2024_penalty_weights_each_feature_by_its_decoder_norm_and_leaves_nor
     assert torch.allclose(loaded.W_dec.norm(dim=-1), torch.ones(32), atol=1e-6)
     assert torch.allclose(loaded.decode(loaded.encode(x)), sae.decode(sae.encode(x)), atol=1e-5)
     assert torch.allclose(loaded.l1_penalty(loaded.encode(x)), sae.l1_penalty(sae.encode(x)), rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["feb2024", "apr2024"])
+@pytest.mark.parametrize("firing", ["few fire, some dead", "most fire"])
+def test_sparse_step_computes_what_the_dense_step_computes(method, firing):
+    """The sparse step (gathers over the firing pairs) and the dense step (six matmuls) are the same
+    maths: loss, firing counts and every gradient agree to fp32 rounding, with ghost grads on dead
+    features and with nearly every feature firing; one Adam step of train_step leaves the same weights."""
+    torch.manual_seed(0)
+    cfg = Config(d_in=16, expansion=8, batch_size=256, total_tokens=256 * 10, warmup_steps=1, lr=1e-2,
+                 l1_coeff=1e-2, method=method, precision="float32", dead_window=1)
+    sae = SAE(cfg.d_in, cfg.d_sae, cfg.l1_coeff, method)
+    with torch.no_grad():
+        sae.b_enc.fill_(-1.0 if firing.startswith("few") else 3.0)
+        sae.W_dec.mul_(torch.rand(cfg.d_sae, 1) + 0.5)                  # rows of unequal norm (apr2024)
+        if method == "feb2024":
+            sae.normalize_decoder()
+    x = torch.randn(cfg.batch_size, cfg.d_in) + 0.5
+    dead = torch.zeros(cfg.d_sae, dtype=torch.bool)
+    dead[:20] = firing.startswith("few")
+    results = []
+    for sparse in (False, True):
+        sae.zero_grad()
+        out = sae(x, dead_mask=dead, sparse=sparse)
+        out.loss.backward()
+        results.append((out, {n: p.grad.clone() for n, p in sae.named_parameters()}))
+    (dense, dense_grads), (sparse, sparse_grads) = results
+    l0 = dense.fires.sum().item() / len(x)
+    assert (l0 < 30) if firing.startswith("few") else (l0 > 0.9 * cfg.d_sae), l0
+    assert (dense.ghost_loss > 0) == firing.startswith("few")
+    assert torch.equal(dense.fires, sparse.fires)
+    assert torch.allclose(sparse.acts.to_dense(), dense.acts, atol=1e-6)
+    for name in ("loss", "mse_loss", "l1_loss", "ghost_loss"):
+        assert torch.allclose(getattr(sparse, name), getattr(dense, name), rtol=1e-5, atol=1e-8), name
+    for name, g in dense_grads.items():
+        assert g.abs().max() > 0, name
+        assert torch.allclose(sparse_grads[name], g, rtol=1e-4, atol=1e-6 * g.abs().max()), name
+
+    weights = []
+    for sparse in (False, True):
+        torch.manual_seed(1)
+        one = SAE(cfg.d_in, cfg.d_sae, cfg.l1_coeff, method)
+        one.load_state_dict(sae.state_dict())
+        state = T.new_state(one, replace(cfg, sparse_step=sparse))
+        state.last_density = 0.0                        # let the sparse path run from the first step
+        state.steps_since_fired[dead] = cfg.dead_window
+        T.train_step(one, state, x, replace(cfg, sparse_step=sparse))
+        weights.append(one.state_dict())
+    for name, w in weights[0].items():
+        assert torch.allclose(weights[1][name], w, atol=1e-5), name
 
 
 # -----------------------------------------------------------------------------

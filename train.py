@@ -50,6 +50,7 @@ CPU_PRESET = dict(
 POST_STEPS = 300_000_000 // 4096          # 73,242: the post's run, which warmup and dead window are sized for
 SCALED = ("warmup_steps", "dead_window")  # follow the run's length unless you set them
 MAX_EVALS = 4                             # a run shorter than the post's evaluates (and checkpoints) 4 times
+SPARSE_BELOW = 0.02                       # the sparse step runs when fewer pairs than this fire (benchmarks/bench.py)
 
 # what each field accepts: checked before anything is loaded, stated in the error message
 RULES = {
@@ -67,6 +68,7 @@ RULES = {
     "lr": (lambda v: 0 < v < math.inf, "a finite number > 0"),
     "warmup_steps": (lambda v: v >= 0, "an integer >= 0"),
     "lr_decay": (lambda v: 0 <= v < 1, "a share of the run from 0 (no decay) to below 1"),
+    "l1_warmup": (lambda v: 0 <= v < 1, "a share of the run from 0 (none) to below 1"),
     "batch_size": (lambda v: v >= 1, "an integer >= 1"),
     "total_tokens": (lambda v: v >= 1, "at least one batch of tokens"),
     "buffer_contexts": (lambda v: v >= 1, "an integer >= 1"),
@@ -222,6 +224,7 @@ class TrainState:
     window_tokens: int
     prev_fire_counts: torch.Tensor       # [d_sae] the previous, completed window
     prev_window_tokens: int
+    last_density: float = 1.0            # the share of (token, feature) pairs that fired in the last step
 
     def density(self) -> tuple[torch.Tensor, int]:
         """Firing fraction per feature over the last density_tokens..2*density_tokens tokens, and that count."""
@@ -254,6 +257,12 @@ def lr_at(step: int, cfg: Config) -> float:
     return cfg.lr * min(warm, decay)
 
 
+def l1_scale_at(step: int, cfg: Config) -> float:
+    """The L1 coefficient's share at this step: a linear rise from 0 over the first l1_warmup of the steps."""
+    ramp = round(cfg.l1_warmup * cfg.total_steps)
+    return min(1.0, (step + 1) / ramp) if ramp else 1.0
+
+
 def train_step(sae: SAE, state: TrainState, x: torch.Tensor, cfg: Config) -> tuple[float, torch.Tensor]:
     """One optimizer step of `sae` on the batch x [batch, d_in]; returns (loss, firings per feature [d_sae])."""
     # --- TRAINING SECTION BEGIN
@@ -261,7 +270,9 @@ def train_step(sae: SAE, state: TrainState, x: torch.Tensor, cfg: Config) -> tup
     state.optimizer.zero_grad(set_to_none=True)      # now, so last step's gradients are freed first
     # bf16 autocast runs the matmuls in bf16 and keeps fp32 weights and Adam state
     with torch.autocast(x.device.type, torch.bfloat16, enabled=cfg.precision == "bfloat16"):
-        out = sae(x, dead_mask=dead)
+        # the sparse step pays only for the pairs that fire: worth it once few do (same maths either way)
+        sparse = cfg.sparse_step and state.last_density < SPARSE_BELOW
+        out = sae(x, dead_mask=dead, l1_scale=l1_scale_at(state.step, cfg), sparse=sparse)
     if not torch.isfinite(out.loss):
         raise FloatingPointError(f"the loss became {out.loss.item()} at step {state.step}")
     for group in state.optimizer.param_groups:
@@ -279,8 +290,8 @@ def train_step(sae: SAE, state: TrainState, x: torch.Tensor, cfg: Config) -> tup
     # --- TRAINING SECTION END
 
     with torch.no_grad():
-        # counted in int32: summing bools into torch's default int64 is many times slower on a CPU
-        fires = (out.acts > 0).sum(0, dtype=torch.int32)                    # [d_sae]
+        fires = out.fires                                                   # [d_sae]
+        state.last_density = fires.sum().item() / (len(x) * sae.d_sae)
         state.steps_since_fired = torch.where(fires > 0, 0, state.steps_since_fired + 1)
         if state.window_tokens >= cfg.density_tokens:     # the window is full: start the next one
             state.prev_fire_counts, state.prev_window_tokens = state.fire_counts, state.window_tokens

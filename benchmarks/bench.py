@@ -140,6 +140,57 @@ def steps(B: int, d_in: int, d_sae: int, limit: float, repeats: int):
 
 
 # -----------------------------------------------------------------------------
+# 2b. the sparse step against the dense step, by width and L0
+
+
+def fixed_l0_step_fn(B: int, d_in: int, d_sae: int, l0: float, sparse: bool, precision: str):
+    """train.py's step with b_enc reset before each step so that about l0 features fire per token."""
+    cfg = T.Config(d_in=d_in, expansion=d_sae // d_in, batch_size=B, total_tokens=10**12, warmup_steps=0,
+                   dead_window=10**9, precision=precision, sparse_step=sparse)
+    torch.manual_seed(0)
+    sae = SAE(d_in, d_sae, cfg.l1_coeff)
+    state = T.new_state(sae, cfg)
+    x = torch.randn(B, d_in)
+    # pre-activations are ~N(0, |x|^2 / d_in) per feature: the threshold that l0 / d_sae of them pass
+    threshold = torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor(1 - l0 / d_sae)).item()
+    bias = -threshold * x.norm(dim=-1).mean().item() / d_in ** 0.5
+
+    def step():
+        with torch.no_grad():
+            sae.b_enc.fill_(bias)
+        state.last_density = 0.0 if sparse else 1.0
+        T.train_step(sae, state, x, cfg)
+        return state.last_density * d_sae                               # the L0 the step saw
+    return step
+
+
+def sparse_steps(B: int, d_in: int, expansions: list[int], l0s: list[float], limit: float, repeats: int,
+                 precision: str):
+    print(f"
+sparse step vs dense step, batch {B}, d_in {d_in}, {precision}"
+          " (dense-equivalent FLOPs: 12 B d_in d_sae a step)")
+    set_onednn(True)
+    for expansion in expansions:
+        d_sae = expansion * d_in
+        flops = 12 * B * d_in * d_sae
+        for l0 in l0s:
+            fns = {name: fixed_l0_step_fn(B, d_in, d_sae, l0, name == "sparse", precision)
+                   for name in ("dense", "sparse")}
+            times, seen = {name: [] for name in fns}, 0.0
+            for rep in range(repeats + 1):                               # round-robin; first = warm-up
+                for name, fn in fns.items():
+                    t = time.perf_counter()
+                    seen = fn()
+                    if rep > 0:
+                        times[name].append(time.perf_counter() - t)
+            dense, sparse = (statistics.median(times[n]) for n in ("dense", "sparse"))
+            print(f"  {expansion:2d}x (d_sae {d_sae:6d}), L0 {seen:6.1f}: dense {dense * 1e3:6.0f} ms, "
+                  f"sparse {sparse * 1e3:6.0f} ms ({dense / sparse:4.1f}x); effective {flops / sparse / 1e9:6.0f} "
+                  f"GFLOP/s = {flops / sparse / 1e9 / limit:4.0%} of the fp32 limit (dense: {flops / dense / 1e9 / limit:4.0%})")
+    set_onednn(False)
+
+
+# -----------------------------------------------------------------------------
 # 3. activation generation: full forward vs stopping after the hooked layer
 
 
@@ -235,12 +286,24 @@ def main():
     p.add_argument("--out_dir", default="/tmp/sae-bench-runs")
     p.add_argument("--quick", action="store_true", help="1 repeat, no end-to-end run")
     p.add_argument("--e2e_only", action="store_true", help="only the end-to-end runs")
+    p.add_argument("--sparse_only", action="store_true", help="only dense vs sparse step")
+    p.add_argument("--sparse_batch", type=int, default=1024)
+    p.add_argument("--sparse_d_in", type=int, default=576, help="SmolLM2's width: the CPU preset's shapes")
+    p.add_argument("--sparse_expansions", default="8,16,32")
+    p.add_argument("--sparse_l0s", default="20,40,100,300")
     p.add_argument("--e2e-child", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.e2e_child is not None:
         return end_to_end_child(args.e2e_child)
     repeats = 1 if args.quick else args.repeats
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device cpu")
+    if args.sparse_only or not args.e2e_only:
+        limit = matmul_limits(args.sparse_batch, args.sparse_d_in, 16 * args.sparse_d_in, repeats)
+        for precision in ("bfloat16", "float32") if T.native_bf16() else ("float32",):
+            sparse_steps(args.sparse_batch, args.sparse_d_in, [int(v) for v in args.sparse_expansions.split(",")],
+                         [float(v) for v in args.sparse_l0s.split(",")], limit, repeats, precision)
+        if args.sparse_only:
+            return
     if not args.e2e_only:
         limit = matmul_limits(args.batch, args.d_in, args.d_sae, repeats)
         steps(args.batch, args.d_in, args.d_sae, limit, repeats)
