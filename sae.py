@@ -316,11 +316,14 @@ class SAE(nn.Module):
     def decode(self, acts: torch.Tensor) -> torch.Tensor:
         return acts @ self.W_dec + self.b_dec                  # [batch, d_in]
 
+    def l1_weights(self) -> torch.Tensor | None:
+        """What the L1 term weights f_i by: ||W_dec_i|| for apr2024, None (all 1) for unit-norm rows."""
+        return None if self.unit_norm_decoder else self.W_dec.norm(dim=-1)    # [d_sae]
+
     def l1_penalty(self, acts: torch.Tensor) -> torch.Tensor:
         """sum_i f_i ||W_dec_i||, averaged over the batch (acts >= 0, so this is a weighted L1 norm)."""
-        if self.unit_norm_decoder:
-            return acts.sum(-1).mean()                         # the norms are 1
-        return (acts @ self.W_dec.norm(dim=-1)).mean()         # [batch, d_sae] @ [d_sae]
+        weights = self.l1_weights()
+        return acts.sum(-1).mean() if weights is None else (acts @ weights).mean()
 
     def forward(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None, l1_scale: float = 1.0,
                 sparse: bool = False) -> SAEOutput:
@@ -333,8 +336,9 @@ class SAE(nn.Module):
                 pairs = active_pairs(pre_acts)
             values = SparseEncode.apply(x - self.b_dec, self.W_enc, self.b_enc, pre_acts, pairs)  # [nnz] f > 0
             del pre_acts
-            weights = 1.0 if self.unit_norm_decoder else self.W_dec.norm(dim=-1)[pairs.cols]
-            l1_loss = l1_scale * self.l1_coeff * (values * weights).sum() / len(x)
+            weights = self.l1_weights()
+            weighted = values if weights is None else values * weights[pairs.cols]
+            l1_loss = l1_scale * self.l1_coeff * weighted.sum() / len(x)
             x_hat = SparseDecode.apply(values, self.W_dec, pairs) + self.b_dec
             acts = torch.sparse_coo_tensor(torch.stack([pairs.rows, pairs.cols]), values.detach(),
                                            (len(x), self.d_sae), is_coalesced=True, check_invariants=False)
