@@ -184,16 +184,18 @@ def ghost_grad_loss(pre_acts: torch.Tensor, W_dec: torch.Tensor, residual: torch
 # -----------------------------------------------------------------------------
 # The sparse step: the same maths, paying only for the (token, feature) pairs that fire
 #
-# Of a dense step's six [batch x d_in x d_sae] matmuls only one must be dense: the encoder's
-# forward (every pre-activation is needed to know which features fire). f is zero except at
-# the active pairs (t, j), L0 per token of d_sae, and ReLU passes no gradient where f = 0, so
-#     x_hat_t        = sum_{j active in t} f_tj W_dec_j            (gather rows, add)
-#     dL/dW_dec_j    = sum_{t active in j} f_tj dL/dx_hat_t        (gather tokens, add)
-#     dL/df_tj       = dL/dx_hat_t . W_dec_j                       (only at active pairs)
-#     dL/dW_enc[:,j] = sum_{t active in j} dL/dpre_tj (x_t - b_dec)
-#     dL/dx_t        = sum_{j active in t} dL/dpre_tj W_enc[:,j]
-# Each is a sum of gathered rows: F.embedding_bag(indices, table, offsets, per_sample_weights)
-# computes exactly that, bag by bag, with the pairs grouped by token (row order) or by feature.
+# f is zero except at the active pairs (t, j), L0 per token of d_sae, and ReLU passes no
+# gradient where f = 0. With xc_t = x_t - b_dec and g_tj = dL/dpre_tj at the active pairs:
+#     x_hat_t        = sum_{j active in t} f_tj W_dec_j + b_dec    (gather rows, add)
+#     dL/dW_dec_j    = sum_{t active in j} f_tj dL/dx_hat_t         (gather tokens, add)
+#     dL/dW_enc[:,j] = sum_{t active in j} g_tj xc_t
+#     dL/db_enc_j    = sum_{t active in j} g_tj
+#     dL/db_dec      = -sum_t sum_j g_tj W_enc[:,j] = -W_enc @ dL/db_enc    (one mat-vec)
+# "gather rows, add" is F.embedding_bag(indices, table, offsets, per_sample_weights), bag by
+# bag, with the pairs grouped by token (row order) or by feature. Two products stay dense:
+# the encoder's forward (every pre-activation is needed to know which features fire) and
+# dL/df = dL/dx_hat @ W_dec^T, read at the active pairs (gathering a [nnz, d_in] copy of
+# W_dec's rows instead is slower on a CPU: it moves more memory than the matmul computes).
 
 
 class ActivePairs(NamedTuple):
@@ -220,11 +222,11 @@ def gather_sum(indices, table, offsets, weights):
 
 
 class SparseEncode(torch.autograd.Function):
-    """The pre-activations at the active pairs, taken from the dense encoder forward;
-    backward computes the encoder's gradients from those pairs only."""
+    """The pre-activations at the active pairs, read from the dense encoder forward;
+    backward computes the encoder's and b_dec's gradients from those pairs only."""
 
     @staticmethod
-    def forward(ctx, x_centred, W_enc, b_enc, pre_acts, pairs: ActivePairs):
+    def forward(ctx, x_centred, W_enc, b_enc, b_dec, pre_acts, pairs: ActivePairs):
         ctx.save_for_backward(x_centred, W_enc)
         ctx.pairs = pairs
         return pre_acts[pairs.rows, pairs.cols].float()                          # [nnz]
@@ -235,8 +237,7 @@ class SparseEncode(torch.autograd.Function):
         p = ctx.pairs
         grad_W_enc = gather_sum(p.rows[p.by_col], x_centred, p.col_offsets, grad[p.by_col])     # [d_sae, d_in]
         grad_b_enc = torch.zeros(W_enc.shape[1], device=grad.device).index_add_(0, p.cols, grad)
-        grad_x = gather_sum(p.cols, W_enc.T.contiguous(), p.row_offsets, grad)                  # [batch, d_in]
-        return grad_x, grad_W_enc.T.contiguous(), grad_b_enc, None, None
+        return None, grad_W_enc.T.contiguous(), grad_b_enc, -(W_enc @ grad_b_enc), None, None
 
 
 class SparseDecode(torch.autograd.Function):
@@ -253,7 +254,7 @@ class SparseDecode(torch.autograd.Function):
         values, W_dec = ctx.saved_tensors
         p = ctx.pairs
         grad_W_dec = gather_sum(p.rows[p.by_col], grad, p.col_offsets, values[p.by_col])        # [d_sae, d_in]
-        grad_values = (grad[p.rows] * W_dec[p.cols]).sum(-1)                                    # [nnz]
+        grad_values = (grad @ W_dec.T)[p.rows, p.cols]                                          # [nnz]
         return grad_values, grad_W_dec, None
 
 
@@ -332,9 +333,10 @@ class SAE(nn.Module):
         sparse=True computes the same loss and gradients through the sparse step (above)."""
         if sparse:
             with torch.no_grad():
-                pre_acts = self.pre_acts(x)                    # the one dense matmul
+                pre_acts = self.pre_acts(x)                    # the encoder, dense
                 pairs = active_pairs(pre_acts)
-            values = SparseEncode.apply(x - self.b_dec, self.W_enc, self.b_enc, pre_acts, pairs)  # [nnz] f > 0
+                x_centred = x - self.b_dec
+            values = SparseEncode.apply(x_centred, self.W_enc, self.b_enc, self.b_dec, pre_acts, pairs)  # f > 0
             del pre_acts
             weights = self.l1_weights()
             weighted = values if weights is None else values * weights[pairs.cols]
