@@ -30,6 +30,7 @@ Importing this file has no side effects. To train: `python train.py 2`.
 import json
 import math
 import os
+import warnings
 from dataclasses import asdict, dataclass, fields
 from typing import Iterable, Iterator, NamedTuple
 
@@ -191,18 +192,18 @@ def ghost_grad_loss(pre_acts: torch.Tensor, W_dec: torch.Tensor, residual: torch
 #     dL/dW_enc[:,j] = sum_{t active in j} g_tj xc_t
 #     dL/db_enc_j    = sum_{t active in j} g_tj
 #     dL/db_dec      = -sum_t sum_j g_tj W_enc[:,j] = -W_enc @ dL/db_enc    (one mat-vec)
+#     dL/df_tj       = dL/dx_hat_t . W_dec_j                        (only at the active pairs)
 # "gather rows, add" is F.embedding_bag(indices, table, offsets, per_sample_weights), bag by
-# bag, with the pairs grouped by token (row order) or by feature. Two products stay dense:
-# the encoder's forward (every pre-activation is needed to know which features fire) and
-# dL/df = dL/dx_hat @ W_dec^T, read at the active pairs (gathering a [nnz, d_in] copy of
-# W_dec's rows instead is slower on a CPU: it moves more memory than the matmul computes).
+# bag, with the pairs grouped by token (row order) or by feature; dL/df is a matrix product
+# computed only at the active pairs (torch.sparse.sampled_addmm, "SDDMM"). One product stays
+# dense: the encoder's forward, since every pre-activation is needed to know which features fire.
 
 
 class ActivePairs(NamedTuple):
     """The firing (token, feature) pairs of a batch, grouped two ways for embedding_bag."""
     rows: torch.Tensor          # [nnz] token of each pair, sorted (row-major order)
-    cols: torch.Tensor          # [nnz] feature of each pair
-    row_offsets: torch.Tensor   # [batch] where each token's pairs start
+    cols: torch.Tensor          # [nnz] feature of each pair (increasing within a token)
+    row_offsets: torch.Tensor   # [batch + 1] where each token's pairs start, then nnz
     by_col: torch.Tensor        # [nnz] a permutation grouping the pairs by feature
     col_offsets: torch.Tensor   # [d_sae] where each feature's pairs start in that order
     fires: torch.Tensor         # [d_sae] pairs per feature (int32)
@@ -212,7 +213,7 @@ def active_pairs(pre_acts: torch.Tensor) -> ActivePairs:
     rows, cols = (pre_acts > 0).nonzero(as_tuple=True)
     per_row = torch.bincount(rows, minlength=pre_acts.shape[0])
     per_col = torch.bincount(cols, minlength=pre_acts.shape[1])
-    return ActivePairs(rows, cols, per_row.cumsum(0) - per_row, torch.argsort(cols, stable=True),
+    return ActivePairs(rows, cols, F.pad(per_row.cumsum(0), (1, 0)), torch.argsort(cols, stable=True),
                        per_col.cumsum(0) - per_col, per_col.int())
 
 
@@ -247,14 +248,18 @@ class SparseDecode(torch.autograd.Function):
     def forward(ctx, values, W_dec, pairs: ActivePairs):
         ctx.save_for_backward(values, W_dec)
         ctx.pairs = pairs
-        return gather_sum(pairs.cols, W_dec, pairs.row_offsets, values)
+        return gather_sum(pairs.cols, W_dec, pairs.row_offsets[:-1], values)
 
     @staticmethod
     def backward(ctx, grad):                                                    # grad [batch, d_in] = dL/dx_hat
         values, W_dec = ctx.saved_tensors
         p = ctx.pairs
         grad_W_dec = gather_sum(p.rows[p.by_col], grad, p.col_offsets, values[p.by_col])        # [d_sae, d_in]
-        grad_values = (grad @ W_dec.T)[p.rows, p.cols]                                          # [nnz]
+        with warnings.catch_warnings():             # "sparse CSR support is in beta"
+            warnings.simplefilter("ignore")
+            pattern = torch.sparse_csr_tensor(p.row_offsets, p.cols, torch.zeros_like(values),
+                                              (len(grad), len(W_dec)), check_invariants=False)
+            grad_values = torch.sparse.sampled_addmm(pattern, grad, W_dec.T, beta=0.0).values()  # [nnz]
         return grad_values, grad_W_dec, None
 
 

@@ -744,6 +744,25 @@ def test_learning_rate_follows_the_warmup_and_decay_ramps(lr_decay, monkeypatch)
     assert lrs == pytest.approx(expected, rel=1e-9), "the learning rate does not follow the documented ramp"
 
 
+def test_l1_coefficient_follows_its_warmup_ramp(monkeypatch):
+    """With l1_warmup, the L1 term at step s is l1_coeff * min((s + 1) / ramp_steps, 1) times the
+    weighted L1 norm: near 0 at the start, the full coefficient after the ramp (checked on the loss
+    each step actually used, through train())."""
+    cfg = synthetic_cfg(total_tokens=256 * 20, warmup_steps=1, l1_warmup=0.25, sparse_step=False)
+    _, batches = synthetic_batches()
+    torch.manual_seed(0)
+    sae = SAE(cfg.d_in, cfg.d_sae, cfg.l1_coeff)
+    ratios, forward = [], SAE.forward
+
+    def watched(self, x, *args, **kwargs):
+        out = forward(self, x, *args, **kwargs)
+        ratios.append((out.l1_loss / (self.l1_coeff * self.l1_penalty(out.acts))).item())
+        return out
+    monkeypatch.setattr(SAE, "forward", watched)
+    T.train(sae, batches, cfg)
+    assert ratios == pytest.approx([min((s + 1) / 5, 1) for s in range(20)], rel=1e-5)
+
+
 def test_a_killed_feature_gets_ghost_gradients_from_exactly_the_dead_window_on(monkeypatch):
     """A feature that never fires is declared dead when it has not fired for dead_window steps: the
     ghost loss includes it from step dead_window (0-based) on, not a step earlier or later; its ghost

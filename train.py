@@ -39,11 +39,13 @@ device = "cuda" if torch.cuda.is_available() else "cpu"
 # The post's recipe is a GPU job: 300M tokens at 24,576 features would take days on a laptop CPU.
 # Without a GPU the preset below sizes the run to ~15 minutes on 2 cores; any flag you pass wins.
 CPU_PRESET = dict(
-    total_tokens=4_000_000,
-    expansion=8,                # d_sae = 4,608 for SmolLM2 (d_in 576), 6,144 for GPT-2 (768)
-    batch_size=1024,            # more, smaller steps: ~3,900 instead of ~980
-    lr=8e-3,                    # a short run gains from a larger step than the post's 4e-4 ...
-    lr_decay=0.2,               # ... and from letting it fall to 0 at the end (benchmarks/README.md)
+    total_tokens=2_500_000,
+    expansion=16,               # d_sae = 9,216 for SmolLM2 (d_in 576), 12,288 for GPT-2 (768)
+    batch_size=1024,            # more, smaller steps: ~2,400 instead of ~600
+    method="apr2024",           # more EV per token than the post's method (benchmarks/README.md) ...
+    lr=8e-3,                    # ... with a larger step than the post's 4e-4 ...
+    lr_decay=0.2,               # ... that falls to 0 over the last 20 % of the run
+    l1_coeff=1.5e-5,            # L0 ~20-30 at this width and budget
     buffer_contexts=1024,       # ~130k activations: fills in seconds
     eval_contexts=32,
 )
@@ -234,7 +236,9 @@ class TrainState:
 
 def new_state(sae: SAE, cfg: Config) -> TrainState:
     zeros = lambda: torch.zeros(sae.d_sae, dtype=torch.long, device=sae.W_dec.device)
-    return TrainState(0, torch.optim.Adam(sae.parameters(), lr=cfg.lr), zeros(), zeros(), 0, zeros(), 0)
+    # fused: one pass over each weight instead of ~10 element-wise passes (same update; ~5x faster here)
+    optimizer = torch.optim.Adam(sae.parameters(), lr=cfg.lr, fused=True)
+    return TrainState(0, optimizer, zeros(), zeros(), 0, zeros(), 0)
 
 
 def init_b_dec(sae: SAE, x: torch.Tensor, how: str):

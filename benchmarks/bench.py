@@ -166,8 +166,7 @@ def fixed_l0_step_fn(B: int, d_in: int, d_sae: int, l0: float, sparse: bool, pre
 
 def sparse_steps(B: int, d_in: int, expansions: list[int], l0s: list[float], limit: float, repeats: int,
                  precision: str):
-    print(f"
-sparse step vs dense step, batch {B}, d_in {d_in}, {precision}"
+    print(f"\nsparse step vs dense step, batch {B}, d_in {d_in}, {precision}"
           " (dense-equivalent FLOPs: 12 B d_in d_sae a step)")
     set_onednn(True)
     for expansion in expansions:

@@ -142,12 +142,12 @@ def synthetic_batches(n_true=400, d_in=64, batch=1024, l0=6, sample_seed=0):
 
 def synthetic(args):
     """Share of true features recovered (some decoder row at cosine > 0.9) with equal steps and width."""
-    for trainer, lr, l1 in [(t, lr, l1) for t, lrs, l1s in (("ours", args.lr, args.l1),
-                                                           ("saelens", args.sl_lr, args.sl_l1))
-                            for lr in lrs for l1 in l1s]:
+    trainers = (("ours", args.lr, args.l1),) + ((("saelens", args.sl_lr, args.sl_l1),) if args.sl_l1 else ())
+    for trainer, lr, l1 in [(t, lr, l1) for t, lrs, l1s in trainers for lr in lrs for l1 in l1s]:
         true, batches = synthetic_batches()
         acts = torch.cat([next(batches) for _ in range(args.steps)])
-        sae = TRAINERS[trainer](acts, 512, 1024, lr, l1, 50)
+        extra = json.loads(args.extra) if args.extra and trainer == "ours" else {}
+        sae = TRAINERS[trainer](acts, 512, 1024, lr, l1, 50, **extra)
         best = (F.normalize(sae.W_dec, dim=-1) @ true.T).max(0).values
         x = next(synthetic_batches(sample_seed=1)[1])
         acts_ = sae.encode(x)
@@ -207,11 +207,14 @@ def report(args):
     except ImportError:
         return
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    keep = [c.split(":") for c in args.plot.split(",")] if args.plot else None
     for key in sorted(groups):
+        if keep and not any(k[0] == key[0] and k[1] == key[1] and float(k[2]) == key[2] for k in keep):
+            continue
         pts = frontier(groups[key])
         for ax, metric in zip(axes, ("explained_variance", "ce_recovered")):
             ax.plot([p["l0"] for p in pts], [p[metric] for p in pts], "o-",
-                    label=f"{key[0]} {key[1]} lr={key[2]:g}")
+                    label=f"{key[0]} {key[1] or 'constant lr'} lr={key[2]:g}")
     for ax, metric in zip(axes, ("explained variance", "CE recovered")):
         ax.set_xscale("log")
         ax.set_xlabel("L0")
@@ -224,7 +227,7 @@ def report(args):
 
 
 def floats(text: str) -> list[float]:
-    return [float(v) for v in text.split(",")]
+    return [float(v) for v in text.split(",") if v]
 
 
 def main():
@@ -242,6 +245,7 @@ def main():
     p.add_argument("--steps", type=int, default=300, help="synthetic task: steps per trainer")
     p.add_argument("--tag", default="", help="a label for this variant in the table")
     p.add_argument("--extra", default="", help="JSON of extra Config (ours) or SAETrainerConfig fields")
+    p.add_argument("--plot", default="", help="report: the curves to draw, as trainer:tag:lr,... (default all)")
     p.add_argument("--cache", default=os.path.join(HERE, ".cache"))
     p.add_argument("--results", default=RESULTS)
     args = p.parse_args()
