@@ -165,7 +165,9 @@ def ghost_output(pre_acts: torch.Tensor, W_dec: torch.Tensor, residual: torch.Te
     norm, Anthropic's choice: enough to matter, not enough to overshoot) is a
     detached constant, so only the direction of the ghost output is learned.
     """
-    out = torch.exp(pre_acts) @ W_dec                                          # [batch, d_in]
+    # exp(h - max_t h): the same direction as exp(h) (the scale below undoes any per-token factor),
+    # without overflowing to inf when pre-activations grow past ~88
+    out = torch.exp(pre_acts - pre_acts.max(-1, keepdim=True).values.detach()) @ W_dec     # [batch, d_in]
     scale = residual.norm(dim=-1, keepdim=True) / (2 * out.norm(dim=-1, keepdim=True) + 1e-6)
     return out * scale.detach()
 
