@@ -37,7 +37,7 @@ device = "cuda" if torch.cuda.is_available() else "cpu"
 # settings, in layers: the post's recipe (Config's defaults) -> a preset that sizes the run -> your flags
 
 # The post's recipe is a GPU job: 300M tokens at 24,576 features would take days on a laptop CPU.
-# Without a GPU the preset below sizes the run to ~15 minutes on 2 cores; any flag you pass wins.
+# Without a GPU the preset below sizes the run to ~10 minutes on 2 cores; any flag you pass wins.
 CPU_PRESET = dict(
     total_tokens=2_500_000,
     expansion=16,               # d_sae = 9,216 for SmolLM2 (d_in 576), 12,288 for GPT-2 (768)
@@ -148,7 +148,7 @@ def make_config(flags: dict) -> tuple[Config, list[str]]:
         for name, value in CPU_PRESET.items():
             setattr(cfg, name, value)
         unset = [n for n in CPU_PRESET if n not in flags]
-        lines.append("preset: no GPU, so a CPU preset sized for ~15 minutes on 2 cores ("
+        lines.append("preset: no GPU, so a CPU preset sized for ~10 minutes on 2 cores ("
                      + ", ".join(f"--{n}={getattr(cfg, n)}" for n in unset) + "); the post's full "
                      "recipe (300M tokens, days on a CPU): --preset=post")
     for name, value in flags.items():

@@ -3,6 +3,8 @@ How fast is the SAE step and the activation pipeline on this machine, and how cl
 
     python benchmarks/bench.py               # everything (~15 minutes on 2 CPU cores)
     python benchmarks/bench.py --quick       # fewer repeats, no end-to-end run
+    python benchmarks/bench.py --sparse_only # the sparse step against the dense step
+    python benchmarks/bench.py --preset_run  # `python train.py 2`, timed
     python benchmarks/bench.py --help
 
 Needs no download: synthetic activations, a randomly initialised GPT-2-small-shaped
@@ -168,7 +170,7 @@ def sparse_steps(B: int, d_in: int, expansions: list[int], l0s: list[float], lim
                  precision: str):
     print(f"\nsparse step vs dense step, batch {B}, d_in {d_in}, {precision}"
           " (dense-equivalent FLOPs: 12 B d_in d_sae a step)")
-    set_onednn(True)
+    T.use_onednn_fp32_matmul()                          # as train.py: oneDNN only where it is exact fp32
     for expansion in expansions:
         d_sae = expansion * d_in
         flops = 12 * B * d_in * d_sae
@@ -274,6 +276,16 @@ def end_to_end(tokens: int, out_dir: str, dtypes: list[str]):
         subprocess.run([sys.executable, __file__, "--e2e-child", *argv], check=True)
 
 
+def preset_run():
+    """`python train.py 2` as a user runs it (the CPU preset, SmolLM2, offline data): wall clock and peak memory."""
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "train.py", "2"], cwd=root, check=True)
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1e6
+    print(f"\nCPU preset end to end: python train.py 2 took {time.perf_counter() - start:.0f} s, "
+          f"peak memory (max RSS) {peak:.2f} GB")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeats", type=int, default=3, help="timings per figure (median reported)")
@@ -286,6 +298,7 @@ def main():
     p.add_argument("--quick", action="store_true", help="1 repeat, no end-to-end run")
     p.add_argument("--e2e_only", action="store_true", help="only the end-to-end runs")
     p.add_argument("--sparse_only", action="store_true", help="only dense vs sparse step")
+    p.add_argument("--preset_run", action="store_true", help="only `python train.py 2`, timed (~10 minutes)")
     p.add_argument("--sparse_batch", type=int, default=1024)
     p.add_argument("--sparse_d_in", type=int, default=576, help="SmolLM2's width: the CPU preset's shapes")
     p.add_argument("--sparse_expansions", default="8,16,32")
@@ -296,6 +309,8 @@ def main():
         return end_to_end_child(args.e2e_child)
     repeats = 1 if args.quick else args.repeats
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device cpu")
+    if args.preset_run:
+        return preset_run()
     if args.sparse_only or not args.e2e_only:
         limit = matmul_limits(args.sparse_batch, args.sparse_d_in, 16 * args.sparse_d_in, repeats)
         for precision in ("bfloat16", "float32") if T.native_bf16() else ("float32",):
