@@ -411,7 +411,8 @@ class SAE(nn.Module):
             sparsity = {"sparsity": log10_density.float().cpu().contiguous()}
             atomic_write(os.path.join(folder, "sparsity.safetensors"), lambda p: save_file(sparsity, p))
         cfg = {**cfg_dict, "d_in": self.d_in, "d_sae": self.d_sae, "l1_coefficient": self.l1_coeff,
-               "method": self.method, "dtype": "float32"}               # the dtype of the saved weights (loaders read it so)
+               "method": self.method,
+               "dtype": "float32"}               # the dtype of the saved weights (loaders read it so)
         atomic_write(os.path.join(folder, "cfg.json"), lambda p: write_json(cfg, p))
 
     @classmethod
