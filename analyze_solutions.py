@@ -45,19 +45,22 @@ def cooccurrence(fired: torch.Tensor, min_joint: int = 1, block: int = 2048):
     n_tokens, d_sae = fired.shape
     token, feature = fired.indices()
     single = torch.bincount(feature, minlength=d_sae)                             # [d_sae]
-    by_feature = torch.sparse_coo_tensor(torch.stack([feature, token]), torch.ones_like(feature, dtype=torch.float),
-                                         (d_sae, n_tokens)).coalesce()           # sorted by feature
-    rows = torch.sparse_coo_tensor(fired.indices(), torch.ones(fired._nnz()), fired.shape)
-    starts = torch.searchsorted(by_feature.indices()[0], torch.arange(0, d_sae + block, block))
+    ones = torch.ones(fired._nnz())
+    rows = torch.sparse_coo_tensor(fired.indices(), ones, fired.shape, is_coalesced=True).to_sparse_csr()
+    order = torch.argsort(feature, stable=True)                                    # firings grouped by feature
+    f_sorted, t_sorted = feature[order], token[order]
+    del order
+    starts = torch.searchsorted(f_sorted, torch.arange(0, d_sae + block, block)).tolist()
     pairs, joint = [], []
     for b, lo in enumerate(range(0, d_sae, block)):
-        s, e = starts[b].item(), starts[b + 1].item()
-        (f, t), hi = by_feature.indices()[:, s:e], min(lo + block, d_sae)
-        part = torch.sparse_coo_tensor(torch.stack([f - lo, t]), torch.ones(e - s), (hi - lo, n_tokens))
-        counts = torch.sparse.mm(part, rows).coalesce()                           # [block, d_sae]
-        (i, j), c = counts.indices(), counts.values()
-        keep = (i + lo < j) & (c >= min_joint)
-        pairs.append(torch.stack([i[keep] + lo, j[keep]], 1))
+        s, e, hi = starts[b], starts[b + 1], min(lo + block, d_sae)
+        part = torch.sparse_coo_tensor(torch.stack([f_sorted[s:e] - lo, t_sorted[s:e]]), ones[s:e],
+                                       (hi - lo, n_tokens), is_coalesced=True).to_sparse_csr()   # [block, n_tokens]
+        counts = torch.sparse.mm(part, rows)                                      # CSR [block, d_sae]
+        i = torch.repeat_interleave(torch.arange(hi - lo), counts.crow_indices().diff()) + lo
+        j, c = counts.col_indices(), counts.values()
+        keep = (i < j) & (c >= min_joint)
+        pairs.append(torch.stack([i[keep], j[keep]], 1))
         joint.append(c[keep].round().long())
     return single, torch.cat(pairs), torch.cat(joint)
 

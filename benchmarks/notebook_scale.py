@@ -31,16 +31,22 @@ def peak_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6          # Linux reports KiB
 
 
-def synthetic_acts(n_tokens, d_sae, l0, generator):
+def synthetic_acts(n_tokens, d_sae, l0, generator, chunk=1 << 16):
     """Sparse [n_tokens, d_sae]: feature f fires on ~density_f of tokens, log10 densities uniform in
-    [-5, -2] rescaled so that the mean number of features per token is l0."""
-    log_density = torch.rand(d_sae, generator=generator) * 3 - 5
-    p = 10 ** log_density
-    n = int(n_tokens * l0)
-    feature = torch.multinomial(p, n, replacement=True, generator=generator)
-    token = torch.randint(0, n_tokens, (n,), generator=generator)
-    values = torch.rand(n, generator=generator) + 0.1
-    return torch.sparse_coo_tensor(torch.stack([token, feature]), values, (n_tokens, d_sae)).coalesce()
+    [-5, -2] rescaled so that the mean number of features per token is l0. Built a block of
+    tokens at a time, already in coalesced order, so that making it costs little beyond its size."""
+    p = 10 ** (torch.rand(d_sae, generator=generator) * 3 - 5)
+    keys = []
+    for lo in range(0, n_tokens, chunk):
+        n = min(chunk, n_tokens - lo)
+        feature = torch.multinomial(p, int(n * l0), replacement=True, generator=generator)
+        token = torch.randint(lo, lo + n, (len(feature),), generator=generator)
+        keys.append(torch.unique(token * d_sae + feature))                     # sorted, no repeats
+    keys = torch.cat(keys)
+    indices = torch.stack([keys // d_sae, keys % d_sae])
+    del keys
+    values = torch.rand(indices.shape[1], generator=generator) + 0.1
+    return torch.sparse_coo_tensor(indices, values, (n_tokens, d_sae), is_coalesced=True)
 
 
 def main():
