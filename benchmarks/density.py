@@ -1,13 +1,15 @@
 """
 Feature density of a trained SAE, measured with the final weights on fresh tokens.
 
-    python benchmarks/density.py runs/<run> [--tokens=1000000]
+    python benchmarks/density.py runs/<run> [runs/<run2> ...] [--tokens=1000000]
 
 train.py's sparsity.safetensors counts firings during the last 1M-2M training tokens,
 while the weights were still changing: when L0 was still falling, that window overstates
 the final SAE's densities. This reads the run's cfg.json, streams the tokens that come
 after the rows the run read (so none were trained on), encodes them with the saved SAE and
 prints the density histogram, dead and dense shares, and the mode.
+Several runs of one `train.py` call (layers or L1 coefficients trained together) share
+one model forward pass.
 """
 
 import argparse
@@ -25,11 +27,17 @@ from sae import SAE, activation_chunks, density_histogram, log10_density, specia
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("run", help="a run folder written by train.py")
+    p.add_argument("runs", nargs="+", help="run folders written by train.py (one call, or the same data)")
     p.add_argument("--tokens", type=int, default=1_000_000)
     args = p.parse_args()
-    cfg = json.load(open(os.path.join(args.run, "cfg.json")))
-    sae = SAE.load(args.run).eval()
+    cfgs = [json.load(open(os.path.join(run, "cfg.json"))) for run in args.runs]
+    shared = ("model", "dataset", "seed", "rows_read", "context_size", "model_batch")
+    cfg = cfgs[0]
+    if any(c.get(k) != cfg.get(k) for c in cfgs for k in shared):
+        sys.exit(f"These runs read different data (they differ in one of {', '.join(shared)}): "
+                 "measure them one call each.")
+    saes = [SAE.load(run).eval() for run in args.runs]
+    layers = sorted({c["layer"] for c in cfgs})
     if not S.hub_status()[0]:
         S.go_offline()
     model = S.load_model(cfg["model"], "cpu")
@@ -37,25 +45,27 @@ def main():
     docs = S.documents(corpus, skip=cfg["rows_read"])              # after everything training read
     contexts = token_contexts(docs, model.tokenizer, cfg["context_size"], cfg["model_batch"])
     special = special_token_ids(model.tokenizer)
-    counts, n = torch.zeros(sae.d_sae, dtype=torch.long), 0
+    counts, n = [torch.zeros(sae.d_sae, dtype=torch.long) for sae in saes], 0
     with torch.no_grad():
-        for chunk in activation_chunks(model, contexts, cfg["layer"], special):
+        for chunk in activation_chunks(model, contexts, layers, special):     # [n, n_layers, d_in]
             for part in chunk.split(1024):
-                counts += (sae.encode(part) > 0).sum(0)
+                for sae, c, count in zip(saes, cfgs, counts):
+                    count += (sae.encode(part[:, layers.index(c["layer"])]) > 0).sum(0)
                 n += len(part)
             if n >= args.tokens:
                 break
     if cfg.get("passes", 1) > 1 or n < args.tokens:
         print(f"note: the corpus gave {n:,} tokens after the training rows"
               + (" (training read it more than once, so these were trained on)" if cfg.get("passes", 1) > 1 else ""))
-    density = counts.double() / n
-    log_density = log10_density(density)
-    hist = torch.histc(log_density.clamp(-10, -1e-6), bins=20, min=-10, max=0)
-    mode = -10 + 0.5 * hist.argmax().item()
-    print(f"{args.run}: {sae.d_sae} features, {n:,} fresh tokens, L0 {counts.sum().item() / n:.2f}")
-    print(f"dead (never fired) {(counts == 0).float().mean():.1%}, dense (> 1e-2) {(density > 1e-2).float().mean():.1%},"
-          f" very dense (> 1e-1) {(density > 1e-1).float().mean():.2%}; histogram mode [{mode:.1f}, {mode + 0.5:.1f})")
-    print(density_histogram(log_density))
+    for run, sae, count in zip(args.runs, saes, counts):
+        density = count.double() / n
+        log_density = log10_density(density)
+        hist = torch.histc(log_density.clamp(-10, -1e-6), bins=20, min=-10, max=0)
+        mode = -10 + 0.5 * hist.argmax().item()
+        print(f"{run}: {sae.d_sae} features, {n:,} fresh tokens, L0 {count.sum().item() / n:.2f}")
+        print(f"dead (never fired) {(count == 0).float().mean():.1%}, dense (> 1e-2) {(density > 1e-2).float().mean():.1%},"
+              f" very dense (> 1e-1) {(density > 1e-1).float().mean():.2%}; histogram mode [{mode:.1f}, {mode + 0.5:.1f})")
+        print(density_histogram(log_density))
 
 
 if __name__ == "__main__":
