@@ -103,6 +103,12 @@ def best_decoder_match(W_a, W_b, chunk: int = 1024):
     return torch.cat([b.values for b in best]), torch.cat([b.indices for b in best])
 
 
+def _column_sums(feat, val, d):
+    """Per-feature sum and sum of squares of a sparse matrix's values: ([d], [d]) in float64."""
+    zeros = torch.zeros(d, dtype=torch.float64)
+    return zeros.index_add(0, feat, val), zeros.index_add(0, feat, val ** 2)
+
+
 def activation_correlation(acts_a, acts_b, idx_a, idx_b, chunk: int = 4096):
     """acts_a sparse [n_tokens, d_a], acts_b sparse [n_tokens, d_b]: activations on the same tokens.
     idx_a, idx_b [k]: pairs of features. Returns [k]: the Pearson correlation over all tokens of
@@ -115,10 +121,8 @@ def activation_correlation(acts_a, acts_b, idx_a, idx_b, chunk: int = 4096):
     n, d_b = acts_a.shape[0], acts_b.shape[1]
     (a_tok, a_feat), a_val = acts_a.indices(), acts_a.values().double()
     (b_tok, b_feat), b_val = acts_b.indices(), acts_b.values().double()
-    s_a = torch.zeros(acts_a.shape[1], dtype=torch.float64).index_add_(0, a_feat, a_val)       # sum a  [d_a]
-    s_aa = torch.zeros(acts_a.shape[1], dtype=torch.float64).index_add_(0, a_feat, a_val ** 2)  # sum a^2
-    s_b = torch.zeros(d_b, dtype=torch.float64).index_add_(0, b_feat, b_val)
-    s_bb = torch.zeros(d_b, dtype=torch.float64).index_add_(0, b_feat, b_val ** 2)
+    s_a, s_aa = _column_sums(a_feat, a_val, acts_a.shape[1])      # sum a, sum a^2  [d_a]
+    s_b, s_bb = _column_sums(b_feat, b_val, d_b)
     b_keys = b_tok * d_b + b_feat                                 # sorted: coalesce orders by (token, feature)
     order = torch.argsort(a_feat, stable=True)                    # a's firings grouped by feature
     a_tok, a_val = a_tok[order], a_val[order]
@@ -205,6 +209,12 @@ def _sparse(n_tokens, d_sae, nnz, generator, values=None):
     return torch.sparse_coo_tensor(idx, v, (n_tokens, d_sae)).coalesce()
 
 
+def _binary(t):
+    """t sparse -> the same pattern with every stored value 1 (duplicates summed first, then set to 1)."""
+    t = t.coalesce()
+    return torch.sparse_coo_tensor(t.indices(), torch.ones(t._nnz()), t.shape, is_coalesced=True)
+
+
 def _dense_t(t):
     return t.to_dense() if t.is_sparse else t
 
@@ -236,8 +246,7 @@ def _test_cooccurrence(fn, ref):
                               f"{_pairs_as_dict(*got)} (each pair once with i < j, joint >= min_joint kept)")
     # random cases, some counts exactly at the threshold
     for n_tokens, d_sae, nnz, min_joint in ((300, 40, 1500, 3), (200, 7000, 4000, 2)):
-        fired = _sparse(n_tokens, d_sae, nnz, g, torch.ones(nnz))
-        fired = torch.sparse_coo_tensor(fired.indices(), torch.ones(fired._nnz()), fired.shape, is_coalesced=True)
+        fired = _binary(_sparse(n_tokens, d_sae, nnz, g))
         got, exp = fn(fired, min_joint=min_joint), ref(fired, min_joint=min_joint)
         _same(f"single ({n_tokens} tokens x {d_sae} features)", got[0], exp[0])
         g_d, e_d = _pairs_as_dict(*got), _pairs_as_dict(*exp)
@@ -248,13 +257,11 @@ def _test_cooccurrence(fn, ref):
                               f"missing, {len(extra)} extra, {len(wrong)} with a wrong count "
                               f"(e.g. {(sorted(missing) + sorted(extra) + wrong)[:3]})")
     # the post's width, ~1M tokens, few non-zeros, under the memory budget
-    fired = _sparse(BIG_TOKENS, POST_WIDTH, 20_000, g, torch.ones(20_000))
-    fired = torch.sparse_coo_tensor(fired.indices(), torch.ones(fired._nnz()), fired.shape, is_coalesced=True)
+    fired = _binary(_sparse(BIG_TOKENS, POST_WIDTH, 20_000, g))
     hot = torch.randint(0, POST_WIDTH, (2,), generator=g)                         # a pair firing together often
     extra = torch.stack([torch.arange(0, BIG_TOKENS, 9973).repeat_interleave(2), hot.repeat(106)[:2 * 106]])
-    fired = torch.sparse_coo_tensor(torch.cat([fired.indices(), extra], 1), torch.ones(fired._nnz() + extra.shape[1]),
-                                    fired.shape).coalesce()
-    fired = torch.sparse_coo_tensor(fired.indices(), torch.ones(fired._nnz()), fired.shape, is_coalesced=True)
+    fired = _binary(torch.sparse_coo_tensor(torch.cat([fired.indices(), extra], 1),
+                                            torch.ones(fired._nnz() + extra.shape[1]), fired.shape))
     exp = ref(fired, min_joint=2)
     with MemoryBudget(BUDGET):
         got = fn(fired, min_joint=2)
