@@ -482,6 +482,26 @@ def test_training_recovers_known_sparse_features():
     assert mse_after < 0.1 * mse_before
 
 
+def test_silent_share_sees_features_that_died_late_while_the_density_window_still_counts_them():
+    """A feature that stops firing near the end of a run is counted in silent_fraction (no firing in the last
+    dead_window steps) while the density window, which lags, still calls it alive: the final table's
+    "% silent" column is what warns of features that died late."""
+    cfg = synthetic_cfg(total_tokens=256 * 300, ghost_grads=False, dead_window=50, density_tokens=256 * 300)
+    true, batches = synthetic_batches()
+    torch.manual_seed(0)
+    sae = SAE(cfg.d_in, cfg.d_sae, cfg.l1_coeff)
+    T.init_b_dec(sae, next(batches), cfg.b_dec_init)
+    state = T.train(sae, batches, replace(cfg, total_tokens=256 * 200))        # 200 steps
+    killed = torch.arange(0, cfg.d_sae, 4)                                        # a quarter of the features
+    with torch.no_grad():                  # kill them: no firing, and no gradient to bring them back
+        sae.W_enc[:, killed] = 0
+        sae.b_enc[killed] = -1
+    state = T.train(sae, batches, cfg, state)                                     # 100 more steps
+    density, _ = state.density()
+    assert T.silent_fraction(state, cfg) >= len(killed) / cfg.d_sae
+    assert (density[killed] > 0).all()     # they fired earlier in the window: "alive" there
+
+
 def test_same_seed_gives_identical_weights():
     """Training is deterministic: the same seed and data give bit-identical weights."""
     cfg = synthetic_cfg(total_tokens=256 * 100)

@@ -332,14 +332,21 @@ def train(saes: SAE | list[SAE], batches, cfg: Config, states=None, on_eval=None
             loss, fires = train_step(sae, state, x if inputs is None else x[:, inputs[k]], cfg)
         step += 1
         bar.update(len(x))
-        if step % 20 == 0 or step == cfg.total_steps:     # the last SAE's numbers
+        if step % 20 == 0 or step == cfg.total_steps:     # loss and L0: the last SAE's; dead: the worst SAE's
             bar.set_postfix(loss=f"{loss.item():.4f}", L0=f"{fires.sum() / len(x):.1f}",
-                            dead=f"{(states[-1].steps_since_fired >= cfg.dead_window).float().mean():.1%}")
+                            dead=f"{max(silent_fraction(s, cfg) for s in states):.1%}")
         if on_eval is not None and step % cfg.eval_every == 0 and step < cfg.total_steps:
             for metrics in on_eval():
                 tqdm.write(format_metrics(step, metrics, len(saes) > 1))
     bar.close()
     return states[0] if single else states
+
+
+def silent_fraction(state: TrainState, cfg: Config) -> float:
+    """Share of features that have not fired for dead_window steps: the ones ghost grads work on.
+    Unlike the density window (1M+ tokens, it lags), this follows the current weights: a feature
+    still silent here at the end of a run usually never fires again (benchmarks/README.md)."""
+    return (state.steps_since_fired >= cfg.dead_window).float().mean().item()
 
 
 def format_metrics(step: int, m: dict, which: bool = False) -> str:
@@ -574,7 +581,8 @@ def run(argv: list[str]) -> str:
             results.append({**metrics, "layer": layer, "l1_coeff": sae.l1_coeff, "density_tokens": n_tokens,
                             "alive_fraction": (density > 0).float().mean().item(),
                             "dense_fraction": (density > 1e-2).float().mean().item(),
-                            "very_dense_fraction": (density > 1e-1).float().mean().item()})
+                            "very_dense_fraction": (density > 1e-1).float().mean().item(),
+                            "silent_fraction": silent_fraction(state, cfg)})
         return results
 
     def on_eval() -> list[dict]:
@@ -626,20 +634,25 @@ def run(argv: list[str]) -> str:
 def report(cfg: Config, states: list[TrainState], metrics: list[dict], folders: list[str]):
     """The final table (one row per SAE), the density histogram(s), and where everything is."""
     print(f"\n{'layer':>5} {'L1 coeff':>8} {'var. expl.':>10} {'L0':>6} {'% alive':>8} {'% dense':>8} "
-          f"{'CE clean':>8} {'CE SAE':>7} {'CE rec.':>7} {'KL score':>8}")
+          f"{'% silent':>8} {'CE clean':>8} {'CE SAE':>7} {'CE rec.':>7} {'KL score':>8}")
     for m in metrics:
         print(f"{m['layer']:>5} {m['l1_coeff']:>8.2g} {m['explained_variance']:>10.2%} {m['l0']:>6.2f} "
-              f"{m['alive_fraction']:>8.1%} {m['dense_fraction']:>8.1%} {m['ce_clean']:>8.3f} "
-              f"{m['ce_sae']:>7.3f} {m['ce_recovered']:>7.3f} {m['kl_score']:>8.3f}")
+              f"{m['alive_fraction']:>8.1%} {m['dense_fraction']:>8.1%} {m['silent_fraction']:>8.1%} "
+              f"{m['ce_clean']:>8.3f} {m['ce_sae']:>7.3f} {m['ce_recovered']:>7.3f} {m['kl_score']:>8.3f}")
     for state, m, folder in zip(states, metrics, folders):
         density, n_tokens = state.density()
         print(f"\nlayer {m['layer']}, L1 coeff {m['l1_coeff']:g}: EV, L0, CE and KL on {m['eval_tokens']:,} held-out tokens; alive "
-              f"and dense over the last {n_tokens:,} training tokens; CE increase {m['ce_increase']:.3f} nats; "
+              f"and dense over the last {n_tokens:,} training tokens, silent over the last {cfg.dead_window} steps; "
+              f"CE increase {m['ce_increase']:.3f} nats; "
               f"shrinkage |x_hat|/|x| {m['l2_ratio']:.3f}, bias {m['relative_reconstruction_bias']:.3f}; "
               f"{cfg.model} on {cfg.dataset}.")
         print(f"log10 feature density ({cfg.d_sae} features; dense > -2, dead at -10):")
         print(density_histogram(log10_density(density).cpu()))
         print(f"saved to {folder}")
+        if m["silent_fraction"] > 0.1:
+            print(f"note: {m['silent_fraction']:.1%} of the features did not fire in the last {cfg.dead_window} steps; "
+                  "most of those will never fire again (the alive column lags). Measure with "
+                  "`python benchmarks/density.py` on the folder, or train with a lower --lr or --l1_coeff.")
     failed = [m for m in metrics if m["failed"]]
     if failed:
         raise UserError(f"This run failed: {'an SAE explains' if len(metrics) > 1 else 'the SAE explains'} less "
