@@ -283,6 +283,24 @@ def test_exp_of_pre_activation_revives_dead_features_but_exp_relu_does_not():
     assert buggy.abs().sum() == 0
 
 
+def test_ghost_grads_push_a_dead_feature_further_down_when_its_decoder_row_points_away_from_the_residual():
+    """Ghost grads are a two-sided push: a gradient step raises the pre-activation of a dead feature
+    whose decoder row points along the residual, and lowers that of one pointing against it, which
+    then fires even less. This is why the CPU preset runs without them: in a short run the dead
+    window is short, rare features are declared dead, and the push down kills them for good."""
+    residual = torch.randn(64, 8)
+    direction = residual.mean(0) / residual.mean(0).norm()        # the residual's shared direction
+    residual = residual + 3 * direction                           # every token's residual leans along it
+    W_dec = torch.stack([direction, -direction])                  # feature 0 along, feature 1 against
+    # feature 1 a little higher, so it dominates the ghost output, as one feature usually does
+    pre_acts = torch.tensor([-2.0, -1.0]).repeat(64, 1).requires_grad_()
+    norm = residual.norm(dim=-1)
+    ghost_grad_loss(pre_acts, W_dec, residual, torch.tensor(1.0), norm).backward()
+    step = -pre_acts.grad.mean(0)                                  # where gradient descent moves h
+    assert step[0] > 0, "the dead feature pointing along the residual is pulled towards firing"
+    assert step[1] < 0, "the one pointing against it is pushed further below zero"
+
+
 # -----------------------------------------------------------------------------
 # geometric median (Weiszfeld)
 
