@@ -178,6 +178,11 @@ def ghost_grad_loss(pre_acts: torch.Tensor, W_dec: torch.Tensor, residual: torch
 
     The ghost output's MSE against the residual, rescaled by one detached scalar to
     the size of the reconstruction loss, so that it neither dominates nor vanishes.
+    The push is two-sided: a dead feature whose decoder row points along the residual
+    is pulled towards firing, one pointing away is pushed further below zero, where
+    exp(h) leaves it almost no gradient. With a long dead window (the post's: 20M
+    tokens) only dead features get it; in a short run rare ones do too, and die, which
+    is why train.py's CPU preset turns ghost grads off.
     """
     residual = residual.detach()
     ghost_mse = normalized_mse(ghost_output(pre_acts, W_dec, residual), residual, x_centred_norm)
