@@ -345,8 +345,8 @@ def train(saes: SAE | list[SAE], batches, cfg: Config, states=None, on_eval=None
 
 def silent_fraction(state: TrainState, cfg: Config) -> float:
     """Share of features that have not fired for dead_window steps: the ones ghost grads (when on) work on.
-    Unlike the density window (1M+ tokens, it lags), this follows the current weights: a feature
-    still silent here at the end of a run usually never fires again (benchmarks/README.md)."""
+    Unlike the density window (1M+ tokens, it lags), this follows the current weights: where features
+    died (with ghost grads), it matched the final weights' dead share at the end (benchmarks/README.md)."""
     return (state.steps_since_fired >= cfg.dead_window).float().mean().item()
 
 
