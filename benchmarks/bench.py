@@ -280,12 +280,14 @@ def preset_run():
     """`python train.py 2` as a user runs it (the CPU preset, SmolLM2, offline data): wall clock and peak
     memory, between two measurements of the machine's exact-fp32 matmul rate (a shared machine drifts)."""
     root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-    before = matmul_limits(1024, 576, 16 * 576, 5)
+    d_in = 576                                   # SmolLM2, the model the preset trains offline
+    shape = (T.CPU_PRESET["batch_size"], d_in, T.CPU_PRESET["expansion"] * d_in)   # the encoder's product
+    before = matmul_limits(*shape, repeats=5)
     start = time.perf_counter()
     subprocess.run([sys.executable, "train.py", "2"], cwd=root, check=True)
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1e6
-    after = matmul_limits(1024, 576, 16 * 576, 5)
+    after = matmul_limits(*shape, repeats=5)
     print(f"\nCPU preset end to end: python train.py 2 took {seconds:.0f} s ({seconds // 60:.0f}:{seconds % 60:02.0f}), "
           f"peak memory (max RSS) {peak:.2f} GB; exact-fp32 matmul rate {before:.0f} GFLOP/s before, {after:.0f} after")
 
