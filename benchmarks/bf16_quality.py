@@ -52,7 +52,7 @@ def main():
             order = torch.randperm(len(acts), generator=torch.Generator().manual_seed(0))
         acts = acts[order]
         torch.manual_seed(0)
-        sae = SAE(cfg.d_in, cfg.d_sae, cfg.l1_coeff)
+        sae = SAE(cfg.d_in, cfg.d_sae, cfg.l1_coeff, mse_norm="centred")   # as measured
         T.init_b_dec(sae, acts[:262_144].float(), cfg.b_dec_init)
         t = time.perf_counter()
         state = T.train(sae, iter(acts.split(cfg.batch_size)), cfg)

@@ -41,7 +41,9 @@ def real_data(tokens: int, cache: str):
     special = special_token_ids(model.tokenizer)
     corpus = S.open_corpus("python-stdlib")
     cfg = Config(eval_contexts=32)
-    held_tokens, skip = T.held_out_contexts(corpus, model.tokenizer, cfg)
+    read = {}
+    held_tokens = T.held_out_contexts(corpus, model.tokenizer, cfg, read)
+    skip = read["rows"]
     held_out = make_held_out(model, held_tokens, 2, special)
     path = os.path.join(cache, f"smollm2_L2_{tokens}.pt")
     if os.path.exists(path):
@@ -70,7 +72,7 @@ def train_ours(acts, d_sae, batch, lr, l1, warmup, **extra) -> SAE:
                  dead_window=max(1, round(5000 * (len(acts) // batch) / T.POST_STEPS)),
                  eval_every=10**9, precision="float32", **extra)
     torch.manual_seed(0)
-    sae = SAE(cfg.d_in, cfg.d_sae, cfg.l1_coeff, cfg.method)
+    sae = SAE(cfg.d_in, cfg.d_sae, cfg.l1_coeff, cfg.method, mse_norm="centred")   # as measured
     with torch.no_grad():
         sae.b_dec.copy_(geometric_median(acts[:100_000]))
         sae.W_enc *= enc_scale              # experiment: a smaller encoder at the start
@@ -96,7 +98,7 @@ def train_saelens(acts, d_sae, batch, lr, l1, warmup, **extra) -> SAE:
                                    dead_feature_window=max(1, steps // 10), feature_sampling_window=10**9,
                                    **extra)
     SAETrainer(trainer_cfg, sl, data_provider=iter(acts.split(batch))).fit()
-    ours = SAE(acts.shape[1], d_sae)              # same equations: f = ReLU((x - b_dec) W_enc + b_enc)
+    ours = SAE(acts.shape[1], d_sae, mse_norm="centred")              # same equations: f = ReLU((x - b_dec) W_enc + b_enc)
     with torch.no_grad():
         for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
             getattr(ours, name).copy_(getattr(sl, name))
