@@ -1452,3 +1452,81 @@ def test_notebook_references_pass_their_checks(exercise):
     """The reference solutions pass the checks that the wrong ones fail."""
     import analyze_solutions as A
     assert A.run_check(A.TESTS[exercise][1]) is None
+
+
+# -----------------------------------------------------------------------------
+# what a user's network, data and disk do: one sentence or a stated fallback, never a traceback
+
+
+def test_null_and_empty_rows_are_skipped_and_counted_in_text_and_token_columns(tokenizer, tmp_path):
+    """Real datasets hold nulls and empty strings: documents() skips them (text and token columns
+    alike), counts them in read["skipped"], and yields every real row in order."""
+    docs = make_documents(6, seed=3)
+    text_rows = [docs[0], None, "", docs[1], "   ", docs[2]]
+    folder = write_parquet_dataset(tmp_path / "text", text_rows, column="text")
+    corpus = S.open_corpus(folder)
+    read = {}
+    assert list(S.documents(corpus, read=read)) == [docs[0], docs[1], docs[2]]
+    assert read["skipped"] == 3 and read["rows"] == 6
+    ids = tokenized_rows(tokenizer, n_rows=4)
+    token_rows = [None, ids[0], [], ids[1]]
+    corpus = S.open_corpus(write_parquet_dataset(tmp_path / "tokens", token_rows))
+    read = {}
+    assert list(S.documents(corpus, read=read)) == [ids[0], ids[1]]
+    assert read["skipped"] == 2
+
+
+def test_a_dataset_with_only_null_rows_is_refused_in_one_sentence(tmp_path):
+    folder = write_parquet_dataset(tmp_path / "nulls", [None, None, None, None], column="text")
+    with pytest.raises(S.UserError, match="no usable row"):
+        S.open_corpus(folder)
+
+
+def test_an_out_dir_that_cannot_be_written_is_refused_before_the_model_loads(monkeypatch, tmp_path):
+    """An --out_dir under a file (or anywhere it cannot be created) is one sentence, before any loading."""
+    no_model_load(monkeypatch)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    with pytest.raises(T.UserError, match="--out_dir=.* cannot be used"):
+        T.run(["2", f"--out_dir={blocker / 'runs'}"])
+
+
+def test_the_same_l1_coefficient_twice_is_refused(monkeypatch, tmp_path):
+    """Two SAEs with one L1 coefficient would share, and overwrite, one folder: refused in one sentence."""
+    no_model_load(monkeypatch)
+    with pytest.raises(T.UserError, match="more than once"):
+        T.run(["2", "--l1_coeff=1e-4,1e-4", f"--out_dir={tmp_path}"])
+
+
+def test_two_runs_started_in_the_same_second_get_their_own_folders(tmp_path):
+    assert T.new_run_dir(str(tmp_path), "m_L2_x") != T.new_run_dir(str(tmp_path), "m_L2_x")
+    assert sorted(os.listdir(tmp_path)) == ["m_L2_x", "m_L2_x-2"]
+
+
+def test_a_default_model_the_hub_cannot_serve_falls_back_with_a_banner(tiny_model, monkeypatch):
+    """The hub answered the probe but cannot serve GPT-2 (a mirror without it: 404): the default model
+    falls back to SmolLM2 with a banner line, the automatic dataset with it; a named model is one sentence."""
+    def load(name, device):
+        if name != "smollm2-135m":
+            raise S.UserError(f"{name} could not be loaded from http://127.0.0.1:1 (HTTPError: 404).")
+        return tiny_model
+    monkeypatch.setattr(T, "load_model", load)
+    monkeypatch.setattr(T, "open_corpus", lambda name, seed=0: name)
+    cfg, lines = Config(dataset=T.OWT_GPT2), []
+    model, corpus = T.open_model(cfg, {}, lines, "owt")
+    assert model is tiny_model and cfg.model == "smollm2-135m" and corpus == "python-stdlib"
+    assert any("404" in line and "SmolLM2" in line for line in lines)
+    with pytest.raises(S.UserError, match="could not be loaded"):
+        T.open_model(Config(), {"model": "gpt2"}, [], "owt")
+
+
+def test_load_model_turns_a_failed_hub_download_into_one_sentence(monkeypatch):
+    """HookedTransformer.from_pretrained failing (404, 429, 5xx, a dropped connection) becomes a UserError
+    naming the endpoint, not a 40-line traceback."""
+    import transformer_lens
+    def fail(*a, **k):
+        raise OSError("404 Client Error: Not Found for url")
+    monkeypatch.setattr(transformer_lens.HookedTransformer, "from_pretrained", fail)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    with pytest.raises(S.UserError, match=r"gpt2 could not be loaded from http://127.0.0.1:9 \(OSError: 404"):
+        S.load_model("gpt2", "cpu")
