@@ -13,6 +13,7 @@ Every failure a user can cause is raised as a UserError: one sentence, no traceb
 
 import contextlib
 import difflib
+import functools
 import glob
 import importlib.util
 import io
@@ -277,13 +278,53 @@ def load_model(name: str, device: str):
         return load_smollm2(device)
     from transformer_lens import HookedTransformer
     try:
-        with warnings.catch_warnings():
+        # huggingface_hub logs each of its retries (429, 5xx: ~25 s of them); the failure gets one sentence below
+        with warnings.catch_warnings(), quiet_logger("huggingface_hub"):
             warnings.filterwarnings("ignore", category=DeprecationWarning)   # TransformerLens 3 announces v4
             # the default processing (fold_ln, center_writing_weights): the released GPT-2 SAEs
             # were trained on it and are worse without centred writing weights (SAELens PR #279)
             return HookedTransformer.from_pretrained(name, device=device).eval()
     except Exception as e:            # the hub answered the probe, but cannot serve this model (404, 429, 5xx, ...)
-        raise UserError(f"{name} could not be loaded from {hub_endpoint()} ({_reason(e)}).") from None
+        raise UserError(f"{name} could not be loaded from {hub_endpoint()} "
+                        f"({why_not_served(name) or _reason(e)}).") from None
+
+
+HTTP_MEANING = {401: "it wants a token: set HF_TOKEN", 403: "access refused (a proxy or a gated model)",
+                404: "it does not hold this model", 429: "rate limited: wait, or set HF_TOKEN"}
+
+
+def why_not_served(name: str, timeout: float = 5.0) -> str | None:
+    """What the hub answers when asked for the model's config.json, in words, or None if it serves it.
+
+    transformers reports every failure as "couldn't connect", even a 404 from a mirror
+    that simply does not hold the model; one HEAD request tells them apart."""
+    try:
+        from transformer_lens.loading_from_pretrained import get_official_model_name
+        repo = get_official_model_name(name)
+    except Exception:
+        return None                              # not a model TransformerLens knows: its own message says so
+    url = f"{hub_endpoint()}/{repo}/resolve/main/config.json"
+    try:
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler())
+        opener.open(urllib.request.Request(url, method="HEAD"), timeout=timeout).close()
+        return None
+    except urllib.error.HTTPError as e:
+        meaning = HTTP_MEANING.get(e.code, "a server error" if e.code >= 500 else "")
+        return f"it answered {e.code}{': ' + meaning if meaning else ''}, for {url}"
+    except Exception as e:                       # closed connection, refused, timeout
+        return f"asking for {url}: {type(e).__name__}: {getattr(e, 'reason', e)}"
+
+
+@contextlib.contextmanager
+def quiet_logger(name: str):
+    import logging
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def smollm2_gguf() -> str:
@@ -301,8 +342,13 @@ def load_smollm2_tokenizer():
     return AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
 
 
+@functools.lru_cache(maxsize=1)
 def load_smollm2(device: str = "cpu"):
     """SmolLM2-135M (a pretrained Llama-architecture LM) as a TransformerLens HookedTransformer.
+
+    Loaded once per process (~35 s here, most of it the GGUF parsing): a notebook that trains
+    several SAEs through train.run() and then analyses them shares one copy. Nothing modifies it:
+    hooks are added in context managers and removed.
 
     TransformerLens refuses GGUF files, so: transformers dequantises the GGUF to
     fp32, we describe the architecture in a HookedTransformerConfig, convert the

@@ -748,6 +748,14 @@ def checkpoint(run: Run):
     save_all(run)
 
 
+def firing_shares(density: torch.Tensor) -> dict:
+    """From firing fractions [d_sae]: the share of features that fired at all, that fired on more than
+    1e-2 of the tokens (the post's "dense" line) and on more than 1e-1. A feature exactly on a line is not above it."""
+    return {"alive_fraction": (density > 0).float().mean().item(),
+            "dense_fraction": (density > 1e-2).float().mean().item(),
+            "very_dense_fraction": (density > 1e-1).float().mean().item()}
+
+
 def measure(run: Run, with_kl: bool) -> list[dict]:
     """evaluate() on each SAE's held-out set, plus the firing shares kept during training."""
     results = []
@@ -757,10 +765,7 @@ def measure(run: Run, with_kl: bool) -> list[dict]:
         sae.train()
         density, n_tokens = state.density()
         results.append({**metrics, "layer": layer, "l1_coeff": sae.l1_coeff, "density_tokens": n_tokens,
-                        "alive_fraction": (density > 0).float().mean().item(),
-                        "dense_fraction": (density > 1e-2).float().mean().item(),
-                        "very_dense_fraction": (density > 1e-1).float().mean().item(),
-                        "silent_fraction": silent_fraction(state, run.cfg)})
+                        **firing_shares(density), "silent_fraction": silent_fraction(state, run.cfg)})
     return results
 
 
@@ -812,14 +817,39 @@ def finish(run: Run):
 
 
 def run(argv: list[str]) -> str:
-    """The whole run, stage by stage; returns the run folder (with several SAEs: the folder of their folders)."""
+    """The whole run, stage by stage; returns the run folder (with several SAEs: the folder of their folders).
+    Ctrl-C before training starts leaves nothing behind; during training, see train_with_checkpoints;
+    during the final evaluation, the trained SAEs are saved with a checkpoint that resumes to the report."""
     run = decide_settings(argv)
-    open_model_and_data(run)
-    build_buffer(run)
-    make_saes(run)
+    try:
+        open_model_and_data(run)
+        build_buffer(run)
+        make_saes(run)
+    except KeyboardInterrupt:
+        raise Interrupted("Interrupted before training began; nothing was written.") from None
     if not train_with_checkpoints(run):
-        finish(run)
+        try:
+            finish(run)
+        except KeyboardInterrupt:
+            checkpoint(run)
+            raise Interrupted(f"Interrupted during the final evaluation. The trained SAEs are saved in "
+                              f"{run.run_dir}; `python train.py --resume={run.checkpoint_path}` evaluates them.") from None
     return run.run_dir
+
+
+def evaluate_folder(folder: str, model, corpus, n_contexts: int = 64) -> dict:
+    """evaluate() on an SAE saved in the released layout (one of ours, or one of the released
+    gpt2-small-res-jb SAEs), at the hook its cfg.json names, on the first n_contexts contexts of
+    `corpus` (an open_corpus()). For our runs these are the held-out contexts; for a released SAE
+    they are OpenWebText it may have seen. README, "Outputs", says which numbers compare with the post's."""
+    sae = SAE.load(folder).eval()
+    with open(os.path.join(folder, "cfg.json")) as f:
+        saved = json.load(f)
+    layer, context_size = saved["hook_point_layer"], saved.get("context_size", 128)
+    contexts = token_contexts(documents(corpus), model.tokenizer, context_size, 32)
+    tokens = torch.cat([t for _, t in zip(range(-(-n_contexts // 32)), contexts)])[:n_contexts]
+    held_out = make_held_out(model, tokens, layer, special_token_ids(model.tokenizer))
+    return {**evaluate(sae.to(tokens.device), model, held_out, layer), "layer": layer}
 
 
 def report(cfg: Config, states: list[TrainState], metrics: list[dict], folders: list[str]):
@@ -852,12 +882,21 @@ def report(cfg: Config, states: list[TrainState], metrics: list[dict], folders: 
                         "larger --lr.")
 
 
+class Interrupted(UserError):
+    """Ctrl-C outside the training loop: a sentence saying what was kept, and exit code 130."""
+
+
 def main():
     try:
         run(sys.argv[1:])
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        print(f"{'stopped' if isinstance(e, Interrupted) else 'error'}: {e}", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # _exit, not exit: the interpreter's teardown would stop threads the data and tokenizer libraries
+        # started (a streaming dataset can abort the process there, after our sentence); every file
+        # we write is already closed and renamed into place
+        os._exit(130 if isinstance(e, Interrupted) else 2)
 
 
 if __name__ == "__main__":
