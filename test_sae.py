@@ -1851,3 +1851,21 @@ def test_the_post_preset_loss_is_the_release_formula_with_only_the_stated_correc
                     assert dead_encoder == (0.0, 0.0)
                 else:
                     assert min(dead_encoder) > 1e-6
+
+
+def test_the_gpu_benchmark_runs_in_its_dry_mode(monkeypatch, capsys):
+    """benchmarks/gpu.py, prepared for a GPU machine, runs end to end on the CPU at small shapes: every
+    step timing, both end-to-end runs and the 300M-token projection are printed, as finite numbers."""
+    import importlib.util
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    spec = importlib.util.spec_from_file_location("gpu_bench", os.path.join(os.path.dirname(__file__),
+                                                                             "benchmarks", "gpu.py"))
+    gpu = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu)
+    gpu.main(["--dry"])
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if re.match(r"\s+(fp32|bf16)", line)]
+    assert len(rows) == 9 and all(math.isfinite(float(v)) for row in rows for v in row.split()[-4:-1])
+    assert out.count("train() end to end") == 2
+    minutes = [float(m) for m in re.findall(r"([\d.]+) minutes", out)]
+    assert len(minutes) == 2 and all(0 < m < math.inf for m in minutes)
