@@ -53,14 +53,17 @@ class Config:
                                                # / ||x_t - mean(x)|| (its code from 7 Feb 2024)
     b_dec_init: str = "geometric_median"       # geometric_median | mean | zeros
     method: str = "feb2024"                    # feb2024: unit-norm decoder rows (the post) | apr2024: free
-                                               # row norms, L1 weighted by them (Anthropic, Apr 2024)
-    ghost_grads: bool = True                   # Anthropic's ghost gradients for dead features
+                                               # row norms, L1 weighted by them (Anthropic, Apr 2024) | topk,
+                                               # batchtopk: k features per token, no L1 (Gao et al.; Bussmann et al.)
+    k: int = 32                                # topk, batchtopk: features kept per token (batchtopk: on average)
+    ghost_grads: bool = True                   # Anthropic's ghost gradients for dead features (topk: AuxK)
     ghost_exp: str = "h"                       # h: exp(pre-activation), correct | relu_h: exp(relu(h)),
                                                # the release's bug (no gradient: for comparison)
     dead_window: int = 5000                    # steps without firing before a feature counts as dead
     # optimisation
     lr: float = 4e-4                           # Adam's learning rate, constant after warmup
-    warmup_steps: int = 5000                   # linear LR warmup from ~0 (the post: 5000 of 73,242 steps)
+    warmup_steps: int = 5000                   # linear LR warmup from ~0 (the post: 5000 of 73,242 steps;
+                                               # the release's code ran a constant rate: 0, RELEASE.md)
     lr_decay: float = 0.0                      # share of the run at the end over which lr falls linearly to 0
     l1_warmup: float = 0.0                     # share of the run at the start over which l1_coeff rises from 0
     sparse_step: bool = True                   # once few features fire, a step that skips the zeros (same maths)
@@ -190,6 +193,17 @@ def ghost_grad_loss(pre_acts: torch.Tensor, W_dec: torch.Tensor, residual: torch
     return ghost_mse * (mse_loss / (ghost_mse + 1e-6)).detach()
 
 
+def auxk_loss(dead_pre_acts: torch.Tensor, W_dec: torch.Tensor, residual: torch.Tensor,
+              norms: torch.Tensor, k_aux: int) -> torch.Tensor:
+    """TopK's AuxK loss (Gao et al., "Scaling and evaluating sparse autoencoders", 2024, section 2.4):
+    the k_aux dead latents with the largest pre-activations reconstruct the residual x - x_hat
+    (detached), and 1/32 of that error joins the loss, with the reconstruction's normaliser.
+    dead_pre_acts [batch, n_dead], W_dec [n_dead, d_in]: the dead features' own."""
+    values, idx = dead_pre_acts.topk(min(k_aux, dead_pre_acts.shape[-1]), dim=-1)
+    aux = torch.zeros_like(dead_pre_acts).scatter(-1, idx, F.relu(values)) @ W_dec        # [batch, d_in]
+    return normalized_mse(aux, residual.detach(), norms) / 32
+
+
 # -----------------------------------------------------------------------------
 # The sparse autoencoder
 
@@ -223,22 +237,50 @@ class SAE(nn.Module):
     """
 
     def __init__(self, d_in: int, d_sae: int, l1_coeff: float = 8e-5, method: str = "feb2024",
-                 mse_norm: str = "uncentred", ghost_exp: str = "h"):
+                 mse_norm: str = "uncentred", ghost_exp: str = "h", k: int = 32):
         super().__init__()
         self.d_in, self.d_sae, self.l1_coeff, self.method = d_in, d_sae, l1_coeff, method
-        self.mse_norm, self.ghost_exp = mse_norm, ghost_exp       # see Config
+        self.mse_norm, self.ghost_exp, self.k = mse_norm, ghost_exp, k       # see Config
         W_dec = torch.randn(d_sae, d_in)
-        W_dec *= (1.0 if method == "feb2024" else 0.1) / W_dec.norm(dim=-1, keepdim=True)
+        W_dec *= (0.1 if method == "apr2024" else 1.0) / W_dec.norm(dim=-1, keepdim=True)
         self.W_dec = nn.Parameter(W_dec)                       # [d_sae, d_in]
         # the encoder starts as the decoder's transpose, so each feature first
         # reads the direction it writes (Anthropic, Apr 2024 update): fewer dead features
         self.W_enc = nn.Parameter(W_dec.T.clone())             # [d_in, d_sae]
         self.b_enc = nn.Parameter(torch.zeros(d_sae))          # [d_sae]
         self.b_dec = nn.Parameter(torch.zeros(d_in))           # [d_in]
+        if method == "batchtopk":       # its inference threshold, learned in training (update_threshold)
+            self.register_buffer("threshold", torch.full((d_sae,), float("nan")))
 
     @property
     def unit_norm_decoder(self) -> bool:
-        return self.method == "feb2024"
+        return self.method != "apr2024"
+
+    @property
+    def topk(self) -> bool:
+        """k features per token instead of an L1 penalty: TopK and BatchTopK."""
+        return self.method in ("topk", "batchtopk")
+
+    def activation(self, h: torch.Tensor) -> torch.Tensor:
+        """ReLU; or keep the k largest pre-activations of each token (TopK, Gao et al. 2024); or the
+        k x batch largest of the whole batch in training and a fixed threshold after (BatchTopK,
+        Bussmann et al. 2024): a token may use more or fewer than k, the batch k on average."""
+        if self.method == "topk":
+            values, idx = h.topk(self.k, dim=-1)
+            return torch.zeros_like(h).scatter(-1, idx, F.relu(values))            # [batch, d_sae]
+        if self.method == "batchtopk" and self.training:
+            values, idx = h.flatten().topk(self.k * len(h))
+            return torch.zeros_like(h).flatten().scatter(0, idx, F.relu(values)).view_as(h)
+        if self.method == "batchtopk":
+            return F.relu(h) * (h > self.threshold)          # JumpReLU at the learned threshold
+        return F.relu(h)
+
+    @torch.no_grad()
+    def update_threshold(self, acts: torch.Tensor, rate: float = 0.01):
+        """BatchTopK: the threshold follows the smallest activation each batch kept, a moving
+        average with the rate SAELens uses (the first batch sets it)."""
+        low = acts[acts > 0].min() if (acts > 0).any() else self.threshold[0]
+        self.threshold.copy_(low if self.threshold.isnan().all() else (1 - rate) * self.threshold + rate * low)
 
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
         """b_enc + (x - b_dec) @ W_enc: [batch, d_sae]. Subtracting b_dec first makes it the SAE's
@@ -246,7 +288,7 @@ class SAE(nn.Module):
         return torch.addmm(self.b_enc, x - self.b_dec, self.W_enc)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu(self.pre_acts(x))                        # [batch, d_sae]
+        return self.activation(self.pre_acts(x))               # [batch, d_sae]
 
     def decode(self, acts: torch.Tensor) -> torch.Tensor:
         return acts @ self.W_dec + self.b_dec                  # [batch, d_in]
@@ -265,13 +307,15 @@ class SAE(nn.Module):
         """x [batch, d_in]; dead_mask [d_sae] bool marks the features that get ghost gradients;
         l1_scale multiplies l1_coeff (train.py ramps it up from 0 when l1_warmup is set).
         sparse=True computes the same loss and gradients through the sparse step (sparse_step.py)."""
-        if sparse:                                             # sparse_step.py: the same maths, faster
+        if sparse and not self.topk:                           # sparse_step.py: the same maths, faster
             acts, l1_loss, x_hat, fires = sparse_encode_decode(self, x, l1_scale)
         else:
-            acts = F.relu(self.pre_acts(x))                    # [batch, d_sae]
+            pre_acts = self.pre_acts(x)                        # [batch, d_sae]
+            acts = self.activation(pre_acts)                   # [batch, d_sae]
             # L1 before decoding, on purpose: autograd then adds the L1 gradient into the decoder's
             # gradient in place; the other order allocates one more [batch, d_sae] tensor
-            l1_loss = l1_scale * self.l1_coeff * self.l1_penalty(acts)
+            l1_loss = (torch.zeros((), device=x.device) if self.topk
+                       else l1_scale * self.l1_coeff * self.l1_penalty(acts))
             x_hat = self.decode(acts)                          # [batch, d_in]
             with torch.no_grad():      # counted in int32: torch's default int64 sum of bools is slow on a CPU
                 fires = (acts > 0).sum(0, dtype=torch.int32)
@@ -283,11 +327,14 @@ class SAE(nn.Module):
             # the dead features' pre-activations, from their own columns of W_enc: the same
             # numbers as pre_acts[:, dead_mask], without a [batch, d_sae] gradient behind them
             dead_pre_acts = torch.addmm(self.b_enc[dead_mask], x - self.b_dec, self.W_enc[:, dead_mask])
-            if self.ghost_exp == "relu_h":                     # the release's bug, kept to compare with
-                dead_pre_acts = F.relu(dead_pre_acts)
-            # the release divided the ghost MSE by the residual's own norm; with centred norms, by those
-            ghost_loss = ghost_grad_loss(dead_pre_acts, self.W_dec[dead_mask], x - x_hat, mse_loss,
-                                         None if self.mse_norm == "uncentred" else norms)
+            if self.topk:            # TopK's answer to dead latents, in the same slot: AuxK, k_aux = d_in / 2
+                ghost_loss = auxk_loss(dead_pre_acts, self.W_dec[dead_mask], x - x_hat, norms, self.d_in // 2)
+            else:
+                if self.ghost_exp == "relu_h":                 # the release's bug, kept to compare with
+                    dead_pre_acts = F.relu(dead_pre_acts)
+                # the release divided the ghost MSE by the residual's own norm; with centred norms, by those
+                ghost_loss = ghost_grad_loss(dead_pre_acts, self.W_dec[dead_mask], x - x_hat, mse_loss,
+                                             None if self.mse_norm == "uncentred" else norms)
         loss = mse_loss + l1_loss + ghost_loss
         return SAEOutput(x_hat, acts, loss, mse_loss, l1_loss, ghost_loss, fires)
 
@@ -331,7 +378,9 @@ class SAE(nn.Module):
             sparsity = {"sparsity": log10_density.float().cpu().contiguous()}
             atomic_write(os.path.join(folder, "sparsity.safetensors"), lambda p: save_file(sparsity, p))
         cfg = {**cfg_dict, "d_in": self.d_in, "d_sae": self.d_sae, "l1_coefficient": self.l1_coeff,
-               "method": self.method, "mse_norm": self.mse_norm, "ghost_exp": self.ghost_exp,
+               "method": self.method, "mse_norm": self.mse_norm, "ghost_exp": self.ghost_exp, "k": self.k,
+               # what SAELens builds: BatchTopK is a JumpReLU at its learned threshold once trained
+               "architecture": {"topk": "topk", "batchtopk": "jumprelu"}.get(self.method, "standard"),
                "dtype": "float32"}               # the dtype of the saved weights (loaders read it so)
         atomic_write(os.path.join(folder, "cfg.json"), lambda p: write_json(cfg, p))
 
@@ -344,7 +393,7 @@ class SAE(nn.Module):
             weights = load_file(os.path.join(folder, "sae_weights.safetensors"))
             with torch.device("meta"):           # shapes only: no random init that is overwritten at once
                 sae = cls(cfg["d_in"], cfg["d_sae"], cfg.get("l1_coefficient", 8e-5), cfg.get("method", "feb2024"),
-                          cfg.get("mse_norm", "uncentred"), cfg.get("ghost_exp", "h"))
+                          cfg.get("mse_norm", "uncentred"), cfg.get("ghost_exp", "h"), cfg.get("k", 32))
             sae.load_state_dict({k: v.float() for k, v in weights.items()}, assign=True)
         except FileNotFoundError as e:
             raise ValueError(f"{folder} is not an SAE folder: {e.filename} is missing.") from None

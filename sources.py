@@ -17,6 +17,7 @@ import functools
 import glob
 import importlib.util
 import io
+import itertools
 import json
 import os
 import random
@@ -118,17 +119,20 @@ class Corpus:
     it can hold the held-out contexts plus one buffer (every token is at least one byte).
     """
 
-    def __init__(self, name: str, rows, first: dict, n_bytes: int | None = None,
-                 tokenizer_name: str | None = None):
-        self.name, self.rows, self.first, self.n_bytes = name, rows, first, n_bytes
+    def __init__(self, name: str, rows, n_bytes: int | None = None, tokenizer_name: str | None = None):
+        self.name, self.rows, self.n_bytes = name, rows, n_bytes
         self.tokenizer_name = tokenizer_name     # the tokenizer a pre-tokenized set records, if any
+        head = iter(rows)                        # one pass (for a hub dataset, one stream) reads the first rows
+        first = next(head, None)
+        if first is None:
+            raise UserError(f"The dataset {name} is empty: give one with some text in it.")
         self.column = "text" if "text" in first else next((c for c in TOKEN_COLUMNS if c in first), "")
         if not self.column:
             raise UserError(f"The dataset {name} has no 'text' column and no token column "
                             f"({' or '.join(TOKEN_COLUMNS)}); its columns are {sorted(first)}.")
         # the first row with something in it (tokenizer checks read it): nulls and empty rows are skipped
-        self.first = next((r for _, r in zip(range(1000), rows) if usable(r.get(self.column), self.pretokenized)),
-                          None)
+        self.first = next((r for _, r in zip(range(1000), itertools.chain([first], head))
+                           if usable(r.get(self.column), self.pretokenized)), None)
         if self.first is None:
             raise UserError(f"The dataset {name} has no usable row among its first 1,000: its "
                             f"'{self.column}' column is empty, null or of another type there.")
@@ -167,7 +171,7 @@ def open_corpus(name: str, seed: int = 0) -> Corpus:
         rows = load_dataset("text", data_files=files, sample_by="document", encoding_errors="replace",
                             split="train", streaming=True)
         n_bytes = sum(os.path.getsize(f) for f in files)
-        return Corpus(name, rows, _first_row(rows, name), n_bytes)
+        return Corpus(name, rows, n_bytes)
     if os.path.isdir(name) and not data_files:
         raise UserError(f"--dataset={name} holds no text files ({', '.join(TEXT_SUFFIXES)}) and no data "
                         f"files ({', '.join(DATA_SUFFIXES)}): point it at a folder that does.")
@@ -177,17 +181,11 @@ def open_corpus(name: str, seed: int = 0) -> Corpus:
     n_bytes = sum(os.path.getsize(f) for f in data_files) if os.path.isdir(name) else None
     try:
         rows = load_dataset(name, split="train", streaming=True)
-        return Corpus(name, rows, _first_row(rows, name), n_bytes, _recorded_tokenizer(name))
+        return Corpus(name, rows, n_bytes, _recorded_tokenizer(name))
     except UserError:
         raise
     except Exception as e:
         raise UserError(f"The dataset {name} could not be opened ({_reason(e)}).") from None
-
-
-def _first_row(rows, name: str) -> dict:
-    for row in rows:
-        return row
-    raise UserError(f"The dataset {name} is empty: give one with some text in it.")
 
 
 def _reason(e: Exception) -> str:

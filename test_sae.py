@@ -1869,3 +1869,98 @@ def test_the_gpu_benchmark_runs_in_its_dry_mode(monkeypatch, capsys):
     assert out.count("train() end to end") == 2
     minutes = [float(m) for m in re.findall(r"([\d.]+) minutes", out)]
     assert len(minutes) == 2 and all(0 < m < math.inf for m in minutes)
+
+
+def test_opening_a_dataset_reads_its_first_rows_in_one_pass(tmp_path, monkeypatch):
+    """A hub dataset is a network stream: finding its column and its first usable row (past nulls and
+    empty rows) must open that stream once, not once per check."""
+    import datasets
+    opened, real_iter = [], datasets.IterableDataset.__iter__
+
+    def counted(self):
+        opened.append(1)
+        return real_iter(self)
+    monkeypatch.setattr(datasets.IterableDataset, "__iter__", counted)
+    corpus = S.open_corpus(write_parquet_dataset(tmp_path / "d", [None, "", "a real row", "another"], column="text"))
+    assert len(opened) == 1 and corpus.first["text"] == "a real row"
+
+
+# -----------------------------------------------------------------------------
+# TopK and BatchTopK: one flag away, same loop
+
+
+def test_topk_keeps_the_k_largest_pre_activations_of_each_token():
+    """--method=topk: each token keeps its k largest pre-activations (ReLU'd), all others are 0,
+    and nothing else in the SAE's equations changes."""
+    torch.manual_seed(0)
+    sae = SAE(16, 64, method="topk", k=5)
+    x = torch.randn(32, 16)
+    h = sae.pre_acts(x)
+    acts = sae.encode(x)
+    assert ((acts > 0).sum(-1) <= 5).all() and (acts > 0).sum(-1).float().mean() > 4
+    top = h.topk(5, dim=-1)
+    assert torch.equal(acts.gather(-1, top.indices), F.relu(top.values))
+    assert acts.sum() == F.relu(top.values).sum()
+
+
+def test_batchtopk_keeps_k_per_token_on_average_then_uses_its_learned_threshold():
+    """--method=batchtopk: in training the k x batch largest pre-activations of the whole batch are kept
+    (a token may hold more or fewer than k); the threshold follows the smallest kept value; at inference
+    a feature fires exactly where its pre-activation exceeds that threshold (a JumpReLU)."""
+    torch.manual_seed(0)
+    sae = SAE(16, 64, method="batchtopk", k=5)
+    with torch.no_grad():
+        sae.b_enc.add_(1.0)                                   # every pre-activation of interest is > 0
+    x = torch.randn(32, 16)
+    acts = sae.encode(x)                                       # training mode
+    per_token = (acts > 0).sum(-1)
+    assert per_token.sum() == 5 * 32 and per_token.min() < 5 < per_token.max()
+    sae.update_threshold(acts)
+    assert sae.threshold[0] == acts[acts > 0].min()
+    sae.update_threshold(acts * 2)
+    assert sae.threshold[0] == pytest.approx(0.99 * acts[acts > 0].min().item() + 0.01 * 2 * acts[acts > 0].min().item())
+    sae.eval()
+    h = sae.pre_acts(x)
+    assert torch.equal(sae.encode(x), h * (h > sae.threshold))
+
+
+@pytest.mark.parametrize("method", ["topk", "batchtopk"])
+def test_auxk_reaches_only_dead_latents_and_weighs_one_thirty_second(method):
+    """AuxK (Gao et al. 2024): the k_aux = d_in / 2 dead latents with the largest pre-activations
+    reconstruct the residual; its loss is 1/32 of that error under the reconstruction's normaliser, and
+    its gradient reaches no live latent's encoder or decoder; there is no L1 term."""
+    torch.manual_seed(0)
+    sae = SAE(16, 64, method=method, k=4)
+    x = torch.randn(32, 16) + 1
+    dead = torch.arange(64) >= 48
+    out = sae(x, dead_mask=dead)
+    assert out.l1_loss == 0
+    h_dead = sae.pre_acts(x)[:, dead]
+    top = h_dead.topk(8, dim=-1)
+    aux = torch.zeros_like(h_dead).scatter(-1, top.indices, F.relu(top.values)) @ sae.W_dec[dead]
+    residual = (x - out.x_hat).detach()
+    by_hand = ((aux - residual) ** 2 / x.norm(dim=-1, keepdim=True)).mean() / 32
+    assert out.ghost_loss.item() == pytest.approx(by_hand.item(), rel=1e-5)
+    out.ghost_loss.backward()
+    assert not sae.W_enc.grad[:, ~dead].any() and not sae.W_dec.grad[~dead].any()
+    assert sae.W_enc.grad[:, dead].abs().sum() > 0
+
+
+@pytest.mark.parametrize("method, architecture", [("topk", "topk"), ("batchtopk", "jumprelu")])
+def test_topk_methods_train_from_the_command_line_and_load_in_saelens_as_its_own(method, architecture, offline_tiny,
+                                                                                corpus, tmp_path):
+    """`train.py LAYER --method=topk|batchtopk --k=8` trains through the same loop and writes the released
+    layout; SAELens's SAE.load_from_disk reads it as its own TopK SAE (BatchTopK: the JumpReLU SAELens
+    saves it as, at the learned threshold) and encodes exactly as ours; the final L0 is about k."""
+    sae_lens = pytest.importorskip("sae_lens")
+    run_dir = T.run(["1", f"--dataset={corpus}", f"--out_dir={tmp_path}", f"--method={method}", "--k=8"] + TINY_RUN)
+    cfg = json.load(open(os.path.join(run_dir, "cfg.json")))
+    assert cfg["architecture"] == architecture and cfg["k"] == 8
+    metrics = json.load(open(os.path.join(run_dir, "metrics.json")))
+    assert (metrics["l0"] == pytest.approx(8, abs=0.5) if method == "topk" else 2 < metrics["l0"] < 32)
+    ours = SAE.load(run_dir).eval()
+    theirs = sae_lens.SAE.load_from_disk(run_dir)
+    assert type(theirs).__name__ == {"topk": "TopKSAE", "jumprelu": "JumpReLUSAE"}[architecture]
+    x = torch.randn(64, ours.d_in) * 3
+    with torch.no_grad():
+        assert torch.allclose(theirs.encode(x), ours.encode(x), atol=1e-5)

@@ -64,7 +64,8 @@ RULES = {
     "preset": (lambda v: v in ("auto", "post", "cpu"), "auto, post or cpu"),
     "precision": (lambda v: v in ("auto", "float32", "bfloat16"), "auto, float32 or bfloat16"),
     "b_dec_init": (lambda v: v in ("geometric_median", "mean", "zeros"), "geometric_median, mean or zeros"),
-    "method": (lambda v: v in ("feb2024", "apr2024"), "feb2024 (the post) or apr2024"),
+    "method": (lambda v: v in ("feb2024", "apr2024", "topk", "batchtopk"), "feb2024 (the post), apr2024, topk or batchtopk"),
+    "k": (lambda v: v >= 1, "an integer >= 1 (features per token)"),
     "mse_norm": (lambda v: v in ("uncentred", "centred"), "uncentred (the release) or centred"),
     "ghost_exp": (lambda v: v in ("h", "relu_h"), "h (correct) or relu_h (the release's bug)"),
     "model": (lambda v: bool(v), "a model name"),
@@ -349,7 +350,8 @@ def l1_scale_at(step: int, cfg: Config) -> float:
 def train_step(sae: SAE, state: TrainState, x: torch.Tensor, cfg: Config) -> tuple[float, torch.Tensor]:
     """One optimizer step of `sae` on the batch x [batch, d_in]; returns (loss, firings per feature [d_sae])."""
     # --- TRAINING SECTION BEGIN
-    dead = state.steps_since_fired >= cfg.dead_window if cfg.ghost_grads else None   # [d_sae]
+    # dead features get ghost gradients, or with TopK the AuxK loss
+    dead = state.steps_since_fired >= cfg.dead_window if cfg.ghost_grads or sae.topk else None   # [d_sae]
     state.optimizer.zero_grad(set_to_none=True)      # now, so last step's gradients are freed first
     # bf16 autocast runs the matmuls in bf16 and keeps fp32 weights and Adam state
     with torch.autocast(x.device.type, torch.bfloat16, enabled=cfg.precision == "bfloat16"):
@@ -381,6 +383,8 @@ def train_step(sae: SAE, state: TrainState, x: torch.Tensor, cfg: Config) -> tup
             state.fire_counts, state.window_tokens = torch.zeros_like(state.fire_counts), 0
         state.fire_counts += fires
         state.window_tokens += len(x)
+        if sae.method == "batchtopk":
+            sae.update_threshold(out.acts)
     state.step += 1
     return out.loss.detach(), fires         # out goes: its [batch, d_sae] tensors are freed before the next step
 
@@ -707,7 +711,7 @@ def make_saes(run: Run):
         # SAEs of different layers start from different random directions: with one shared start, a
         # cross-layer comparison (analyze.ipynb) would find matches that are only the initialisation
         torch.manual_seed(cfg.seed + 1000 * layer)
-        run.saes.append(SAE(cfg.d_in, cfg.d_sae, l1_coeff, cfg.method, cfg.mse_norm, cfg.ghost_exp).to(device))
+        run.saes.append(SAE(cfg.d_in, cfg.d_sae, l1_coeff, cfg.method, cfg.mse_norm, cfg.ghost_exp, cfg.k).to(device))
         run.states.append(new_state(run.saes[-1], cfg))
     if run.ckpt is None:
         sample = run.buffer.sample(262_144)                      # the release used ~262k activations
