@@ -1002,9 +1002,10 @@ def test_a_run_whose_sae_explains_negative_variance_is_reported_as_failed(offlin
 
 
 class Server:
-    """A local HTTP server on 127.0.0.1 answering every request with 200 and recording the request line."""
+    """A local HTTP server on 127.0.0.1 recording each request line and answering it with `answer`
+    (a status code), or closing the connection unanswered (answer="close"), or after 5 s (silent)."""
 
-    def __init__(self, silent=False):
+    def __init__(self, silent=False, answer: int | str = 200):
         import http.server
         import threading
         requests = self.requests = []
@@ -1015,7 +1016,11 @@ class Server:
                 if silent:
                     import time
                     time.sleep(5)
-                self.send_response(200)
+                if answer == "close":
+                    self.close_connection = True
+                    return
+                self.send_response(answer)
+                self.send_header("Content-Length", "0")
                 self.end_headers()
             do_GET = do_HEAD
 
@@ -1554,38 +1559,13 @@ def test_load_model_turns_a_failed_hub_download_into_one_sentence(monkeypatch):
         S.load_model("gpt2", "cpu")
 
 
-class AnsweringServer:
-    """A local HTTP server answering every request with one status code, or closing the connection unanswered."""
-
-    def __init__(self, answer: int | str):
-        import http.server
-        import threading
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_HEAD(self):
-                if answer == "close":
-                    self.close_connection = True
-                    return
-                self.send_response(answer)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-            do_GET = do_HEAD
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-
 @pytest.mark.parametrize("answer, says", [(404, "answered 404: it does not hold this model"),
                                           (429, "answered 429: rate limited"), (500, "answered 500: a server error"),
                                           ("close", "RemoteDisconnected")])
 def test_why_a_hub_cannot_serve_the_model_is_said_in_words(answer, says, clean_network_env):
     """transformers says "couldn't connect" for every failure; the sentence instead says what the hub
     answered (a mirror without the model, a rate limit, a server error, a dropped connection)."""
-    server = AnsweringServer(answer)
+    server = Server(answer=answer)
     clean_network_env.setenv("HF_ENDPOINT", server.url)
     reason = S.why_not_served("gpt2")
     assert says in reason and f"{server.url}/gpt2/resolve/main/config.json" in reason
@@ -1610,7 +1590,7 @@ def test_a_refused_run_exits_with_code_2_and_nothing_after_its_sentence(tmp_path
     assert done.returncode == 2, done.stderr[-2000:]
     assert done.stderr.strip().count("\n") == 0 and done.stderr.startswith("error: The dataset")
     assert "local path" not in done.stderr and done.stdout == ""
-    server = AnsweringServer(404)
+    server = Server(answer=404)
     done = run_train_py(["2", "--model=gpt2", f"--dataset={corpus}", f"--out_dir={tmp_path / 'runs'}"] + TINY_RUN,
                         {"HF_ENDPOINT": server.url, "HF_HUB_CACHE": str(tmp_path / "cache")}, tmp_path)
     server.httpd.shutdown()
