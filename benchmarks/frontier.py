@@ -3,6 +3,8 @@ Sparsity-fidelity frontier: our train() against SAELens's standard (ReLU + L1) S
 
     python benchmarks/frontier.py sweep --trainer=ours --lr=4e-3,1.6e-2 --l1=4e-5,8e-5,1.6e-4
     python benchmarks/frontier.py sweep --trainer=saelens --lr=1e-3,4e-3 --l1=1,2,4
+    python benchmarks/frontier.py sweep --trainer=ours --tag=topk --extra='{"method": "topk"}' --lr=4e-3 --k=16,32,64
+    python benchmarks/frontier.py sweep --trainer=saelens_topk --lr=4e-3 --k=16,32,64
     python benchmarks/frontier.py synthetic
     python benchmarks/frontier.py report          # table + plot from the results file
 
@@ -69,10 +71,10 @@ def train_ours(acts, d_sae, batch, lr, l1, warmup, **extra) -> SAE:
         sae_module.normalized_mse = lambda x_hat, x, norm: ((x_hat - x) ** 2).mean() / norm.mean()
     cfg = Config(d_in=acts.shape[1], expansion=d_sae // acts.shape[1], batch_size=batch,
                  total_tokens=len(acts) // batch * batch, lr=lr, l1_coeff=l1, warmup_steps=warmup,
-                 dead_window=max(1, round(5000 * (len(acts) // batch) / T.POST_STEPS)),
+                 dead_window=dead_window(len(acts) // batch),
                  eval_every=10**9, precision="float32", **extra)
     torch.manual_seed(0)
-    sae = SAE(cfg.d_in, cfg.d_sae, cfg.l1_coeff, cfg.method, mse_norm="centred")   # as measured
+    sae = SAE(cfg.d_in, cfg.d_sae, cfg.l1_coeff, cfg.method, mse_norm="centred", k=cfg.k)   # as measured
     with torch.no_grad():
         sae.b_dec.copy_(geometric_median(acts[:100_000]))
         sae.W_enc *= enc_scale              # experiment: a smaller encoder at the start
@@ -105,15 +107,55 @@ def train_saelens(acts, d_sae, batch, lr, l1, warmup, **extra) -> SAE:
     return ours.eval()
 
 
-TRAINERS = {"ours": train_ours, "saelens": train_saelens}
+def train_saelens_topk(acts, d_sae, batch, lr, l1, warmup, k=32, batch_topk=False, **extra) -> SAE:
+    """SAELens's own TopK (or BatchTopK) training SAE and trainer, defaults otherwise (AuxK with its
+    k_aux = d_in / 2, decoder norms folded into the top-k choice), on the same batches as ours; the
+    result converted to our unit-norm form, which encodes and decodes the same."""
+    from sae_lens.config import SAETrainerConfig
+    from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
+    from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
+    from sae_lens.training.sae_trainer import SAETrainer
+
+    cls, cfg_cls = (BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig) if batch_topk else \
+        (TopKTrainingSAE, TopKTrainingSAEConfig)
+    torch.manual_seed(0)
+    sl = cls(cfg_cls(d_in=acts.shape[1], d_sae=d_sae, k=k, dtype="float32", device="cpu"))
+    with torch.no_grad():
+        sl.b_dec.copy_(geometric_median(acts[:100_000]))
+    steps = len(acts) // batch
+    lr_end = extra.pop("lr_end", lr * 1e-3 if extra.get("lr_decay_steps") else lr)
+    trainer_cfg = SAETrainerConfig(total_training_samples=steps * batch, train_batch_size_samples=batch,
+                                   lr=lr, lr_end=lr_end, lr_warm_up_steps=warmup, device="cpu",
+                                   dead_feature_window=dead_window(steps), feature_sampling_window=10**9, **extra)
+    SAETrainer(trainer_cfg, sl, data_provider=iter(acts.split(batch))).fit()
+    ours = SAE(acts.shape[1], d_sae, method="batchtopk" if batch_topk else "topk", k=k, mse_norm="centred")
+    with torch.no_grad():                  # SAELens picks the top k of h * ||W_dec_i||: fold the norms in
+        n = sl.W_dec.norm(dim=-1)
+        ours.W_enc.copy_(sl.W_enc * n)
+        ours.b_enc.copy_(sl.b_enc * n)
+        ours.W_dec.copy_(sl.W_dec / n[:, None])
+        ours.b_dec.copy_(sl.b_dec)
+        if batch_topk:                     # its threshold is in those folded units already
+            ours.threshold.fill_(float(sl.topk_threshold))
+    return ours.eval()
+
+
+def dead_window(steps: int) -> int:
+    """The post's share of a run (5,000 of its 73,242 steps) as steps of this one: where a latent
+    counts as dead for ghost grads or AuxK, the same for every trainer."""
+    return max(1, round(5000 * steps / T.POST_STEPS))
+
+
+TRAINERS = {"ours": train_ours, "saelens": train_saelens, "saelens_topk": train_saelens_topk,
+            "saelens_batchtopk": lambda *a, **kw: train_saelens_topk(*a, batch_topk=True, **kw)}
 
 
 def sweep(args):
     model, held_out, acts = real_data(args.tokens, args.cache)
     for lr in args.lr:
-        for l1 in args.l1:
+        for l1, k in [(0.0, int(k)) for k in args.k] if args.k else [(l1, None) for l1 in args.l1]:
             start = time.time()
-            extra = json.loads(args.extra) if args.extra else {}
+            extra = {**(json.loads(args.extra) if args.extra else {}), **({"k": k} if k else {})}
             sae = TRAINERS[args.trainer](acts, args.width, args.batch, lr, l1, args.warmup, **extra)
             m = evaluate(sae, model, held_out, 2)
             row = {"task": "smollm2_L2", "trainer": args.trainer, "tag": args.tag, "lr": lr, "l1": l1,
@@ -189,8 +231,8 @@ def report(args):
                   f"{r['explained_variance']:>6.3f} {r['ce_recovered']:>7.3f} {r['ce_increase']:>7.3f} "
                   f"{r['kl_score']:>6.3f}")
     print("\nmatched L0 (log-L0 interpolation): each curve of ours against each SAELens curve")
-    for ours in (k for k in sorted(groups) if k[0] == "ours"):
-        for theirs in (k for k in sorted(groups) if k[0] == "saelens"):
+    for ours in (k for k in sorted(groups) if k[0] == "ours" and (not args.only or args.only in k[1])):
+        for theirs in (k for k in sorted(groups) if k[0] != "ours" and (not args.only or args.only in k[0] + k[1])):
             for p in frontier(groups[ours]):
                 ev = interpolate(frontier(groups[theirs]), p["l0"], "explained_variance")
                 ce = interpolate(frontier(groups[theirs]), p["l0"], "ce_recovered")
@@ -238,6 +280,8 @@ def main():
     p.add_argument("--trainer", choices=tuple(TRAINERS), default="ours")
     p.add_argument("--lr", type=floats, default=[1e-3])
     p.add_argument("--l1", type=floats, default=[8e-5])
+    p.add_argument("--k", type=floats, default=[], help="TopK / BatchTopK: sweep k (features per token) instead of --l1")
+    p.add_argument("--only", default="", help="report: compare only curves whose trainer or tag contains this")
     p.add_argument("--sl_lr", type=floats, default=[4e-3])
     p.add_argument("--sl_l1", type=floats, default=[2.0])
     p.add_argument("--tokens", type=int, default=600_000)
