@@ -46,6 +46,13 @@ def hub_endpoint() -> str:
     return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
 
 
+def head(url: str, timeout: float):
+    """One HEAD request through a fresh opener, which reads the proxy variables now (urlopen's global
+    one keeps the first it saw). Raises urllib's HTTPError for an error status, URLError & co. otherwise."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler())
+    opener.open(urllib.request.Request(url, method="HEAD"), timeout=timeout).close()
+
+
 def hub_status(timeout: float = 5.0) -> tuple[bool, str]:
     """(reachable, what was tried), decided the way the Hugging Face libraries will connect.
 
@@ -66,9 +73,7 @@ def hub_status(timeout: float = 5.0) -> tuple[bool, str]:
 
     def probe():
         try:
-            # a fresh opener reads the proxy variables now (urlopen's global one keeps the first it saw)
-            opener = urllib.request.build_opener(urllib.request.ProxyHandler())
-            opener.open(urllib.request.Request(url, method="HEAD"), timeout=timeout).close()
+            head(url, timeout)
             answer["ok"] = True
         except urllib.error.HTTPError:
             answer["ok"] = True                      # the server answered; the status does not matter
@@ -303,8 +308,7 @@ def why_not_served(name: str, timeout: float = 5.0) -> str | None:
         return None                              # not a model TransformerLens knows: its own message says so
     url = f"{hub_endpoint()}/{repo}/resolve/main/config.json"
     try:
-        opener = urllib.request.build_opener(urllib.request.ProxyHandler())
-        opener.open(urllib.request.Request(url, method="HEAD"), timeout=timeout).close()
+        head(url, timeout)
         return None
     except urllib.error.HTTPError as e:
         meaning = HTTP_MEANING.get(e.code, "a server error" if e.code >= 500 else "")

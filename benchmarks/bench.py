@@ -145,14 +145,15 @@ def steps(B: int, d_in: int, d_sae: int, limit: float, repeats: int):
 # 2b. the sparse step against the dense step, by width and L0
 
 
-def fixed_l0_step_fn(B: int, d_in: int, d_sae: int, l0: float, sparse: bool, precision: str):
-    """train.py's step with b_enc reset before each step so that about l0 features fire per token."""
+def fixed_l0_step_fn(B: int, d_in: int, d_sae: int, l0: float, sparse: bool, precision: str, device: str = "cpu"):
+    """train.py's step with b_enc reset before each step so that about l0 features fire per token
+    (benchmarks/gpu.py uses it on CUDA)."""
     cfg = T.Config(d_in=d_in, expansion=d_sae // d_in, batch_size=B, total_tokens=10**12, warmup_steps=0,
                    dead_window=10**9, precision=precision, sparse_step=sparse)
     torch.manual_seed(0)
-    sae = SAE(d_in, d_sae, cfg.l1_coeff)
+    sae = SAE(d_in, d_sae, cfg.l1_coeff).to(device)
     state = T.new_state(sae, cfg)
-    x = torch.randn(B, d_in)
+    x = torch.randn(B, d_in, device=device)
     # pre-activations are ~N(0, |x|^2 / d_in) per feature: the threshold that l0 / d_sae of them pass
     threshold = torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor(1 - l0 / d_sae)).item()
     bias = -threshold * x.norm(dim=-1).mean().item() / d_in ** 0.5

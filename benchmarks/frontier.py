@@ -82,14 +82,11 @@ def train_ours(acts, d_sae, batch, lr, l1, warmup, **extra) -> SAE:
     return sae.eval()
 
 
-def train_saelens(acts, d_sae, batch, lr, l1, warmup, **extra) -> SAE:
+def fit_saelens(sl, acts, batch, lr, warmup, dead_feature_window: int, extra: dict):
+    """SAELens's own SAETrainer on our batches, in our order, b_dec started at the same geometric median."""
     from sae_lens.config import SAETrainerConfig
-    from sae_lens.saes.standard_sae import StandardTrainingSAE, StandardTrainingSAEConfig
     from sae_lens.training.sae_trainer import SAETrainer
 
-    torch.manual_seed(0)
-    sl = StandardTrainingSAE(StandardTrainingSAEConfig(d_in=acts.shape[1], d_sae=d_sae, l1_coefficient=l1,
-                                                       dtype="float32", device="cpu"))
     with torch.no_grad():
         sl.b_dec.copy_(geometric_median(acts[:100_000]))
     steps = len(acts) // batch
@@ -97,9 +94,18 @@ def train_saelens(acts, d_sae, batch, lr, l1, warmup, **extra) -> SAE:
     lr_end = extra.pop("lr_end", lr * 1e-3 if extra.get("lr_decay_steps") else lr)
     trainer_cfg = SAETrainerConfig(total_training_samples=steps * batch, train_batch_size_samples=batch,
                                    lr=lr, lr_end=lr_end, lr_warm_up_steps=warmup, device="cpu",
-                                   dead_feature_window=max(1, steps // 10), feature_sampling_window=10**9,
+                                   dead_feature_window=dead_feature_window, feature_sampling_window=10**9,
                                    **extra)
     SAETrainer(trainer_cfg, sl, data_provider=iter(acts.split(batch))).fit()
+
+
+def train_saelens(acts, d_sae, batch, lr, l1, warmup, **extra) -> SAE:
+    from sae_lens.saes.standard_sae import StandardTrainingSAE, StandardTrainingSAEConfig
+
+    torch.manual_seed(0)
+    sl = StandardTrainingSAE(StandardTrainingSAEConfig(d_in=acts.shape[1], d_sae=d_sae, l1_coefficient=l1,
+                                                       dtype="float32", device="cpu"))
+    fit_saelens(sl, acts, batch, lr, warmup, max(1, (len(acts) // batch) // 10), extra)
     ours = SAE(acts.shape[1], d_sae, mse_norm="centred")              # same equations: f = ReLU((x - b_dec) W_enc + b_enc)
     with torch.no_grad():
         for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
@@ -111,23 +117,14 @@ def train_saelens_topk(acts, d_sae, batch, lr, l1, warmup, k=32, batch_topk=Fals
     """SAELens's own TopK (or BatchTopK) training SAE and trainer, defaults otherwise (AuxK with its
     k_aux = d_in / 2, decoder norms folded into the top-k choice), on the same batches as ours; the
     result converted to our unit-norm form, which encodes and decodes the same."""
-    from sae_lens.config import SAETrainerConfig
     from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
     from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
-    from sae_lens.training.sae_trainer import SAETrainer
 
     cls, cfg_cls = (BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig) if batch_topk else \
         (TopKTrainingSAE, TopKTrainingSAEConfig)
     torch.manual_seed(0)
     sl = cls(cfg_cls(d_in=acts.shape[1], d_sae=d_sae, k=k, dtype="float32", device="cpu"))
-    with torch.no_grad():
-        sl.b_dec.copy_(geometric_median(acts[:100_000]))
-    steps = len(acts) // batch
-    lr_end = extra.pop("lr_end", lr * 1e-3 if extra.get("lr_decay_steps") else lr)
-    trainer_cfg = SAETrainerConfig(total_training_samples=steps * batch, train_batch_size_samples=batch,
-                                   lr=lr, lr_end=lr_end, lr_warm_up_steps=warmup, device="cpu",
-                                   dead_feature_window=dead_window(steps), feature_sampling_window=10**9, **extra)
-    SAETrainer(trainer_cfg, sl, data_provider=iter(acts.split(batch))).fit()
+    fit_saelens(sl, acts, batch, lr, warmup, dead_window(len(acts) // batch), extra)
     ours = SAE(acts.shape[1], d_sae, method="batchtopk" if batch_topk else "topk", k=k, mse_norm="centred")
     with torch.no_grad():                  # SAELens picks the top k of h * ||W_dec_i||: fold the norms in
         n = sl.W_dec.norm(dim=-1)

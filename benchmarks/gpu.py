@@ -32,12 +32,14 @@ import sys
 import time
 
 os.environ.setdefault("TQDM_DISABLE", "1")      # train()'s progress bar would bury the numbers
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [os.path.join(HERE, ".."), HERE]
 import torch                                    # noqa: E402
 import torch.nn as nn                           # noqa: E402
 import torch.nn.functional as F                 # noqa: E402
 
 import train as T                               # noqa: E402
+from bench import fixed_l0_step_fn             # noqa: E402
 from sae import SAE, ActivationBuffer, activation_chunks   # noqa: E402
 
 POST = dict(batch=4096, d_in=768, d_sae=24576, n_layers=12, d_vocab=50257, layer=8, steps=300,
@@ -107,26 +109,9 @@ def timed(fn, repeats: int) -> float:
 
 
 def step_at_l0(shape: dict, l0: float, sparse: bool, precision: str, device: str):
-    """train.py's train_step on one batch, b_enc reset before each step so that ~l0 features fire per token."""
-    B, d_in, d_sae = shape["batch"], shape["d_in"], shape["d_sae"]
-    cfg = T.Config(d_in=d_in, expansion=d_sae // d_in, batch_size=B, total_tokens=10**12, warmup_steps=0,
-                   dead_window=10**9, precision=precision, sparse_step=sparse)
-    torch.manual_seed(0)
-    sae = SAE(d_in, d_sae, cfg.l1_coeff).to(device)
-    state = T.new_state(sae, cfg)
-    x = torch.randn(B, d_in, device=device)
-    # pre-activations are ~N(0, |x|^2 / d_in) per feature: the threshold that l0 / d_sae of them pass
-    threshold = torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor(1 - l0 / d_sae)).item()
-    bias = -threshold * x.norm(dim=-1).mean().item() / d_in ** 0.5
-    seen = []
-
-    def step():
-        with torch.no_grad():
-            sae.b_enc.fill_(bias)
-        state.last_density = 0.0 if sparse else 1.0                    # force the path under test
-        T.train_step(sae, state, x, cfg)
-        seen.append(state.last_density * d_sae)
-    return step, seen
+    """bench.py's fixed-L0 train_step on this device, and the list of the L0s its calls saw."""
+    step, seen = fixed_l0_step_fn(shape["batch"], shape["d_in"], shape["d_sae"], l0, sparse, precision, device), []
+    return (lambda: seen.append(step())), seen
 
 
 def step_table(shape: dict, device: str):
