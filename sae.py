@@ -246,7 +246,9 @@ class SAE(nn.Module):
         self.W_dec = nn.Parameter(W_dec)                       # [d_sae, d_in]
         # the encoder starts as the decoder's transpose, so each feature first
         # reads the direction it writes (Anthropic, Apr 2024 update): fewer dead features
-        self.W_enc = nn.Parameter(W_dec.T.clone())             # [d_in, d_sae]
+        # (contiguous: a clone of the transpose would keep W_dec's memory order, and then every
+        # gradient and every Adam step pays a transposed copy of the whole matrix to match it)
+        self.W_enc = nn.Parameter(W_dec.T.contiguous())        # [d_in, d_sae]
         self.b_enc = nn.Parameter(torch.zeros(d_sae))          # [d_sae]
         self.b_dec = nn.Parameter(torch.zeros(d_in))           # [d_in]
         if method == "batchtopk":       # its inference threshold, learned in training (update_threshold)
@@ -346,8 +348,8 @@ class SAE(nn.Module):
         normalize_decoder undoes anyway; removing it keeps Adam's moment
         estimates about directions that matter. Call after backward(), before step().
         """
-        parallel = (self.W_dec.grad * self.W_dec).sum(-1, keepdim=True)    # [d_sae, 1]
-        self.W_dec.grad -= parallel * self.W_dec
+        parallel = torch.linalg.vecdot(self.W_dec.grad, self.W_dec)[:, None]    # [d_sae, 1]
+        self.W_dec.grad.addcmul_(parallel, self.W_dec, value=-1)     # grad -= parallel * W_dec, in one pass
 
     @torch.no_grad()
     def normalize_decoder(self):

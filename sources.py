@@ -15,12 +15,14 @@ import contextlib
 import difflib
 import functools
 import glob
+import hashlib
 import importlib.util
 import io
 import itertools
 import json
 import os
 import random
+import shutil
 import sys
 import sysconfig
 import threading
@@ -338,48 +340,112 @@ def smollm2_gguf() -> str:
     return os.path.join(os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
-def load_smollm2_tokenizer():
+def smollm2_cache() -> str:
+    """The folder that keeps SmolLM2 once it is dequantised: a tokenizer folder, config.json, weights.pt.
+
+    Reading the GGUF takes ~35 s a process (transformers dequantises 4-bit blocks to fp32 and
+    rebuilds the tokenizer from the file); reading these back takes a few. ~540 MB, under
+    $SAE_CACHE_DIR, else $XDG_CACHE_HOME/sae-residual, else ~/.cache/sae-residual. Its name holds
+    what its contents depend on (the GGUF file, transformers', TransformerLens' and torch's
+    versions), so an upgrade starts a new one; delete the folder to free the space."""
+    from importlib.metadata import version
+    gguf = smollm2_gguf()
+    stat = os.stat(gguf)
+    key = "|".join(map(str, (stat.st_size, int(stat.st_mtime), version("transformers"),
+                             version("transformer_lens"), torch.__version__)))
+    root = (os.environ.get("SAE_CACHE_DIR")
+            or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "sae-residual"))
+    return os.path.join(root, f"smollm2-135m-{hashlib.sha256(key.encode()).hexdigest()[:12]}")
+
+
+def load_smollm2_tokenizer(from_gguf: bool = False):
+    """SmolLM2's tokenizer: from smollm2_cache() once it is written (<1 s), else from the GGUF (~8 s)."""
     from transformers import AutoTokenizer
+    cached = os.path.join(smollm2_cache(), "tokenizer")
+    if not from_gguf and os.path.isfile(os.path.join(cached, "tokenizer.json")):
+        return AutoTokenizer.from_pretrained(cached)
     folder, gguf = os.path.split(smollm2_gguf())
     return AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
 
 
-@functools.lru_cache(maxsize=1)
-def load_smollm2(device: str = "cpu"):
-    """SmolLM2-135M (a pretrained Llama-architecture LM) as a TransformerLens HookedTransformer.
+def read_smollm2_gguf() -> tuple:
+    """(HookedTransformer, its HookedTransformerConfig fields) from the GGUF file.
 
-    Loaded once per process (~35 s here, most of it the GGUF parsing): a notebook that trains
-    several SAEs through train.run() and then analyses them shares one copy. Nothing modifies it:
-    hooks are added in context managers and removed.
-
-    TransformerLens refuses GGUF files, so: transformers dequantises the GGUF to
-    fp32, we describe the architecture in a HookedTransformerConfig, convert the
-    weights with TransformerLens's own Llama converter, and drop the HF copy.
-    """
+    TransformerLens refuses GGUF files, so: transformers dequantises the GGUF to fp32, we
+    describe the architecture in a HookedTransformerConfig, convert the weights with
+    TransformerLens's own Llama converter (the HF copy is dropped) and process them as
+    TransformerLens does for its own models: each RMSNorm's weight folded into the layer it
+    feeds (the norms become RMSNormPre)."""
     from transformer_lens import HookedTransformer, HookedTransformerConfig
     from transformer_lens.pretrained.weight_conversions import convert_llama_weights
     from transformers import AutoModelForCausalLM
-
     folder, gguf = os.path.split(smollm2_gguf())
+    tokenizer = load_smollm2_tokenizer(from_gguf=True)
+    hf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
+    c = hf_model.config
+    fields = dict(
+        d_model=c.hidden_size, d_head=c.hidden_size // c.num_attention_heads,
+        n_heads=c.num_attention_heads, n_key_value_heads=c.num_key_value_heads,
+        d_mlp=c.intermediate_size, n_layers=c.num_hidden_layers, n_ctx=2048, d_vocab=c.vocab_size,
+        act_fn="silu", gated_mlp=True, normalization_type="RMS", eps=c.rms_norm_eps, final_rms=True,
+        positional_embedding_type="rotary", rotary_dim=c.hidden_size // c.num_attention_heads,
+        rotary_base=c.rope_parameters["rope_theta"], rotary_adjacent_pairs=False,
+        original_architecture="LlamaForCausalLM", tokenizer_prepends_bos=False,
+        model_name="SmolLM2-135M-Instruct", init_weights=False)
+    state_dict = convert_llama_weights(hf_model, HookedTransformerConfig(**fields))
+    del hf_model                                  # keep one copy of the weights, not two
+    model = HookedTransformer(HookedTransformerConfig(**fields), tokenizer=tokenizer, move_to_device=False)
+    model.load_and_process_state_dict(state_dict, fold_ln=True, center_writing_weights=False)
+    return model, {**fields, "normalization_type": model.cfg.normalization_type}
+
+
+def write_smollm2_cache(folder: str, tokenizer, fields: dict, state_dict: dict):
+    """Write the cache folder (the processed weights) whole or not at all (a temporary folder, renamed); if the disk
+    refuses, the next run reads the GGUF again and nothing else changes."""
+    tmp = f"{folder}.tmp{os.getpid()}"
+    try:
+        os.makedirs(tmp, exist_ok=True)
+        tokenizer.save_pretrained(os.path.join(tmp, "tokenizer"))
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(fields, f)
+        torch.save(state_dict, os.path.join(tmp, "weights.pt"))
+        os.replace(tmp, folder)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@functools.lru_cache(maxsize=1)
+def load_smollm2(device: str = "cpu", use_cache: bool = True):
+    """SmolLM2-135M (a pretrained Llama-architecture LM) as a TransformerLens HookedTransformer.
+
+    The first load reads the 4-bit GGUF from the wheel (~35 s) and keeps the result in
+    smollm2_cache(); later ones read that (a few seconds). Loaded once per process: a notebook
+    that trains several SAEs through train.run() and then analyses them shares one copy.
+    Nothing modifies it: hooks are added in context managers and removed.
+    """
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+    from transformers import AutoTokenizer
+    folder = smollm2_cache()
     # the GGUF conversion's progress bar and TransformerLens's device notes are not the user's business:
     # this model's loading is fixed, so its chatter is dropped (errors still raise)
     with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()), \
             contextlib.redirect_stdout(io.StringIO()):
         warnings.filterwarnings("ignore", category=DeprecationWarning)
-        tokenizer = load_smollm2_tokenizer()
-        hf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
-        c = hf_model.config
-        cfg = HookedTransformerConfig(
-            d_model=c.hidden_size, d_head=c.hidden_size // c.num_attention_heads,
-            n_heads=c.num_attention_heads, n_key_value_heads=c.num_key_value_heads,
-            d_mlp=c.intermediate_size, n_layers=c.num_hidden_layers, n_ctx=2048, d_vocab=c.vocab_size,
-            act_fn="silu", gated_mlp=True, normalization_type="RMS", eps=c.rms_norm_eps, final_rms=True,
-            positional_embedding_type="rotary", rotary_dim=c.hidden_size // c.num_attention_heads,
-            rotary_base=c.rope_parameters["rope_theta"], rotary_adjacent_pairs=False,
-            original_architecture="LlamaForCausalLM", tokenizer_prepends_bos=False,
-            model_name="SmolLM2-135M-Instruct", init_weights=False)
-        state_dict = convert_llama_weights(hf_model, cfg)
-        del hf_model                                  # keep one copy of the weights, not two
-        model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
-        model.load_and_process_state_dict(state_dict, fold_ln=True, center_writing_weights=False)
+        try:
+            if not use_cache:
+                raise FileNotFoundError
+            tokenizer = AutoTokenizer.from_pretrained(os.path.join(folder, "tokenizer"))
+            with open(os.path.join(folder, "config.json")) as f:
+                fields = json.load(f)
+            state_dict = torch.load(os.path.join(folder, "weights.pt"), mmap=True, weights_only=True)
+            model = HookedTransformer(HookedTransformerConfig(**fields), move_to_device=False)
+            model.load_state_dict(state_dict, assign=True)       # the processed weights, as they were saved
+            # the tokenizer as it is: TransformerLens's set_tokenizer would reload it with add_bos_token=True,
+            # which from a tokenizer.json (unlike from the GGUF) makes encode() prepend BOS
+            model.tokenizer = tokenizer
+            model.cfg.tokenizer_prepends_bos = len(tokenizer.encode("")) > 0
+        except Exception:                  # not written yet, or unreadable: from the GGUF, then keep it
+            model, fields = read_smollm2_gguf()
+            if use_cache:
+                write_smollm2_cache(folder, model.tokenizer, fields, model.state_dict())
         return model.to(device).eval()

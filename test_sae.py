@@ -1321,6 +1321,32 @@ def test_real_model_sae_meets_quality_thresholds_and_broken_variants_do_not(vari
         assert BREAKS[variant] in failed, f"{variant} should fail {BREAKS[variant]} but fails only {failed}: {m}"
 
 
+@pytest.mark.slow
+def test_smollm2_from_its_cache_is_the_model_from_the_gguf(smollm2_layer2, tmp_path, monkeypatch):
+    """The first load reads the GGUF and writes the cache folder whole; a second load reads only the
+    cache (the GGUF reader is then forbidden) and gives the same tokens and the same logits, which are
+    also those of the model the other tests use; a cache folder the disk refuses changes nothing."""
+    monkeypatch.setenv("SAE_CACHE_DIR", str(tmp_path))
+    first = S.load_smollm2.__wrapped__("cpu")                   # from the GGUF; writes the cache
+    assert sorted(os.listdir(tmp_path)) == [os.path.basename(S.smollm2_cache())]   # no temporary left
+    monkeypatch.setattr(S, "read_smollm2_gguf", lambda: pytest.fail("the cache was not used"))
+    second = S.load_smollm2.__wrapped__("cpu")
+    text = "def parse(line):\n    return line.split(',')"
+    tokens = torch.tensor([first.tokenizer.encode(text)])
+    assert second.tokenizer.encode(text) == tokens[0].tolist()
+    assert S.load_smollm2_tokenizer().encode(text) == tokens[0].tolist()      # the tokenizer alone, cached too
+    assert torch.equal(second.to_tokens(text), first.to_tokens(text))           # BOS once, as from the GGUF
+    assert second.cfg.to_dict() == first.cfg.to_dict()
+    with torch.no_grad():
+        logits = first(tokens)
+        assert torch.equal(second(tokens), logits)
+        assert torch.equal(smollm2_layer2[0](tokens), logits)
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    S.write_smollm2_cache(str(blocked / "cache"), first.tokenizer, {}, {})    # the disk refuses: no error
+    assert not os.path.exists(blocked / "cache")
+
+
 # -----------------------------------------------------------------------------
 # the notebook
 

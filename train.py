@@ -292,6 +292,24 @@ def use_onednn_fp32_matmul() -> bool:
     return True
 
 
+def keep_freed_memory():
+    """Let glibc's malloc keep freed blocks of up to 32 MB for reuse (Linux; elsewhere nothing).
+
+    By default a block over ~128 kB is mapped from the OS when allocated and returned when
+    freed, so every step's [d_sae, d_in] gradients and temporaries arrive as fresh pages that
+    the kernel must fault in and zero: ~18 % of the sparse step here (benchmarks/README.md).
+    With these two settings (see `man mallopt`) the step reuses the same memory instead."""
+    import ctypes
+    import ctypes.util
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+        libc.mallopt(M_MMAP_THRESHOLD, 32 * 2**20)   # blocks below this come from the heap, not mmap
+        libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)    # and the heap is not given back to the OS
+    except (OSError, AttributeError):                # not glibc (macOS, Windows): the default stays
+        pass
+
+
 # -----------------------------------------------------------------------------
 # the training loop
 
@@ -825,6 +843,7 @@ def run(argv: list[str]) -> str:
     Ctrl-C before training starts leaves nothing behind; during training, see train_with_checkpoints;
     during the final evaluation, the trained SAEs are saved with a checkpoint that resumes to the report."""
     run = decide_settings(argv)
+    keep_freed_memory()
     try:
         open_model_and_data(run)
         build_buffer(run)
