@@ -564,13 +564,14 @@ class HeldOut(NamedTuple):
 
 
 def model_losses(model, resid: torch.Tensor, tokens: torch.Tensor, layer: int, keep: torch.Tensor,
-                 clean_resid: torch.Tensor | None = None, chunk: int = 4) -> tuple[float, float, float]:
+                 clean_resid: torch.Tensor | None = None, chunk: int = 8) -> tuple[float, float, float]:
     """(CE, KL, clean CE): the model run from `layer` on `resid`, scored on non-special next-token targets only.
 
     CE is the mean next-token loss. KL is the mean KL(clean || this) of the next-token
     distributions, against the model run on clean_resid, and clean CE that run's own CE
     (both nan if clean_resid is None: it costs a second pass).
-    Chunked over contexts: the logits of 64 GPT-2 contexts alone would take 1.6 GB (4: 0.1 GB).
+    Chunked over contexts: the logits of 64 GPT-2 contexts alone would take 1.6 GB (8: 0.2 GB, and 8
+    run ~13 % faster than 4 on a CPU: fewer of TransformerLens's per-call weight rearrangements).
     """
     ce_sum, kl_sum, clean_sum = 0.0, 0.0, 0.0
     for i in range(0, len(tokens), chunk):
