@@ -40,7 +40,8 @@ device = "cuda" if torch.cuda.is_available() else "cpu"
 # settings, in layers: the post's recipe (Config's defaults) -> a preset that sizes the run -> your flags
 
 # The post's recipe is a GPU job: 300M tokens at 24,576 features would take days on a laptop CPU.
-# Without a GPU the preset below sizes the run to ~10 minutes on 2 cores; any flag you pass wins.
+# Without a GPU the preset below sizes the run to ~9 minutes on 2 cores (SmolLM2; GPT-2 small ~15,
+# benchmarks/README.md); any flag you pass wins.
 CPU_PRESET = dict(
     total_tokens=2_500_000,
     expansion=16,               # d_sae = 9,216 for SmolLM2 (d_in 576), 12,288 for GPT-2 (768)
@@ -165,7 +166,7 @@ def make_config(flags: dict) -> tuple[Config, list[str]]:
         for name, value in CPU_PRESET.items():
             setattr(cfg, name, value)
         unset = [n for n in CPU_PRESET if n not in flags]
-        lines.append("preset: no GPU, so a CPU preset sized for ~10 minutes on 2 cores ("
+        lines.append("preset: no GPU, so a CPU preset sized for ~9 minutes on 2 cores (~15 for GPT-2) ("
                      + ", ".join(f"--{n}={getattr(cfg, n)}" for n in unset) + "); the post's full "
                      "recipe (300M tokens, days on a CPU): --preset=post")
     for name, value in flags.items():
@@ -298,9 +299,13 @@ def keep_freed_memory():
     By default a block over ~128 kB is mapped from the OS when allocated and returned when
     freed, so every step's [d_sae, d_in] gradients and temporaries arrive as fresh pages that
     the kernel must fault in and zero: ~18 % of the sparse step here (benchmarks/README.md).
-    With these two settings (see `man mallopt`) the step reuses the same memory instead."""
+    With these two settings (see `man mallopt`) the step reuses the same memory instead.
+    Setting MALLOC_MMAP_THRESHOLD_ or MALLOC_TRIM_THRESHOLD_ yourself (to trade time for memory,
+    benchmarks/README.md) leaves glibc as you set it."""
     import ctypes
     import ctypes.util
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ or "MALLOC_TRIM_THRESHOLD_" in os.environ:
+        return
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c"))
         M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
