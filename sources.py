@@ -400,8 +400,8 @@ def read_smollm2_gguf() -> tuple:
 
 
 def write_smollm2_cache(folder: str, tokenizer, fields: dict, state_dict: dict):
-    """Write the cache folder (the processed weights) whole or not at all (a temporary folder, renamed); if the disk
-    refuses, the next run reads the GGUF again and nothing else changes."""
+    """Write the cache folder (the processed weights) whole or not at all: a temporary folder,
+    renamed. If the disk refuses, the next run reads the GGUF again and nothing else changes."""
     tmp = f"{folder}.tmp{os.getpid()}"
     try:
         os.makedirs(tmp, exist_ok=True)

@@ -220,43 +220,9 @@ def activations(repeats: int, layer: int = 2):
 
 
 def end_to_end_child(argv: list[str]):
-    """Run train.py's main path on a random GPT-2-small-shaped model, timing each part."""
-    import sae as S
-    from sources import load_smollm2_tokenizer
-    timers = {"model forward (activations)": 0.0, "evaluation": 0.0, "buffer (fill, shuffle)": 0.0}
-    model = gpt2_shaped_model(49152)
-    model.tokenizer = load_smollm2_tokenizer()
-    forward = model.forward
-
-    def timed_forward(*a, **kw):
-        t = time.perf_counter()
-        out = forward(*a, **kw)
-        if kw.get("start_at_layer") is None:
-            timers["model forward (activations)"] += time.perf_counter() - t
-        return out
-    model.forward = timed_forward
-
-    def timed(name, fn):
-        def wrapper(*a, **kw):
-            t = time.perf_counter()
-            out = fn(*a, **kw)
-            timers[name] += time.perf_counter() - t
-            return out
-        return wrapper
-    T.load_model = lambda name, device: model
-    T.hub_status = lambda: (True, "benchmark: a local random model and local text")
-    T.evaluate = timed("evaluation", S.evaluate)
-    S.ActivationBuffer._fill = timed("buffer (fill, shuffle)", S.ActivationBuffer._fill)
-    start = time.perf_counter()
-    T.run(argv)
-    total = time.perf_counter() - start
-    timers["buffer (fill, shuffle)"] -= timers["model forward (activations)"]   # fills include forwards
-    timers["SAE steps and the rest"] = total - sum(timers.values())
-    peak_gb = peak_memory_gb()
-    print(f"\nend to end: train.py {' '.join(argv)}")
-    print(f"  total {total:.0f} s; peak memory (max RSS) {peak_gb:.2f} GB")
-    for name, t in timers.items():
-        print(f"  {name:30s} {t:7.1f} s  {t / total:5.1%}")
+    """Run train.py's main path on a random GPT-2-small-shaped model, timing each part (profile_run.py)."""
+    from profile_run import profile
+    profile(argv, gpt2_shaped=True)
 
 
 def peak_memory_gb() -> float:
@@ -273,7 +239,7 @@ def end_to_end(tokens: int, out_dir: str, dtypes: list[str]):
     # the post's shapes: expansion 32 (d_sae 24,576), 4,096-token batches, a ~520k-activation buffer
     for dtype in dtypes:
         argv = ["2", "--preset=post", f"--precision={dtype}", f"--total_tokens={tokens}", f"--out_dir={out_dir}",
-                "--model=gpt2-random", "--dataset=python-stdlib", "--eval_every=1000000", "--eval_contexts=16"]
+                "--eval_every=1000000", "--eval_contexts=16"]
         subprocess.run([sys.executable, __file__, "--e2e-child", *argv], check=True)
 
 

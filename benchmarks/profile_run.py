@@ -21,7 +21,6 @@ it would GPT-2.
 
 import argparse
 import os
-import resource
 import sys
 import time
 from collections import defaultdict
@@ -32,7 +31,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch                                    # noqa: E402
 import sae as S                                 # noqa: E402
 import train as T                               # noqa: E402
-from bench import gpt2_shaped_model, median_time   # noqa: E402
+from bench import gpt2_shaped_model, matmul_limits, peak_memory_gb   # noqa: E402
+from sources import UserError, load_smollm2_tokenizer   # noqa: E402
 
 
 class Timers:
@@ -59,36 +59,18 @@ class Timers:
         return timed
 
 
-def rates(d_in: int, d_sae: int, batch: int) -> str:
-    """bf16 and exact-fp32 (oneDNN where train.py uses it) GFLOP/s of the encoder's product."""
-    a, w = torch.randn(batch, d_in), torch.randn(d_in, d_sae)
-    flops = 2 * batch * d_in * d_sae
-    T.use_onednn_fp32_matmul()
-    fp32 = flops / median_time(lambda: a @ w, 5) / 1e9
-    ab, wb = a.bfloat16(), w.bfloat16()
-    bf16 = flops / median_time(lambda: ab @ wb, 5) / 1e9
-    torch.backends.mkldnn.matmul.fp32_precision = "none"
-    return f"matmul [{batch}, {d_in}] @ [{d_in}, {d_sae}]: exact fp32 {fp32:.0f} GFLOP/s, bf16 {bf16:.0f} GFLOP/s"
-
-
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--gpt2_shaped", action="store_true", help="a random GPT-2-small-shaped model, run as --model=gpt2")
-    p.add_argument("--layer", default="2")
-    p.add_argument("train_flags", nargs="*", help="flags for train.py (after --)")
-    args = p.parse_args()
-    argv = [args.layer, "--out_dir=/tmp/sae-profile-runs", *args.train_flags]
+def profile(argv: list[str], gpt2_shaped: bool = False):
+    """train.run(argv) with every part timed; prints the table (bench.py's end-to-end runs use it too)."""
     timers = Timers()
     in_eval = [False]
 
-    if args.gpt2_shaped:
-        argv += ["--model=gpt2", "--dataset=python-stdlib"]
+    if gpt2_shaped:
+        argv = [*argv, "--model=gpt2", "--dataset=python-stdlib"]
         T.hub_status = lambda: (True, "benchmark: a random GPT-2-shaped model on local text")
     load = T.load_model
 
     def load_model(name, device):
-        if args.gpt2_shaped:
-            from sources import load_smollm2_tokenizer
+        if gpt2_shaped:
             model = gpt2_shaped_model(49152).to(device)
             model.tokenizer = load_smollm2_tokenizer()
         else:
@@ -123,18 +105,30 @@ def main():
     decide, runs = T.decide_settings, []
     T.decide_settings = lambda a: runs.append(decide(a)) or runs[-1]
     start = time.perf_counter()
-    T.run(argv)
+    try:
+        T.run(argv)
+    except UserError as e:            # e.g. a timing run too short to learn: its times still count
+        print(f"!! {e}")
     total = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+    peak = peak_memory_gb()
     cfg = runs[0].cfg
     print(f"\npython train.py {' '.join(argv)}: {total:.0f} s ({total // 60:.0f}:{total % 60:04.1f}), "
-          f"peak memory (max RSS) {peak:.2f} GB")
-    print(rates(cfg.d_in, cfg.d_sae, cfg.batch_size))
+          f"peak memory {peak:.2f} GB")
     rest = total - sum(timers.total.values())
     for name, t in sorted(timers.total.items(), key=lambda kv: -kv[1]) + [("the rest (tokenising, data loop)", rest)]:
         n = timers.calls.get(name, 0)
         per = f"  {t / n * 1e3:8.1f} ms x {n}" if n > 1 else ""
         print(f"  {name:34s} {t:7.1f} s  {t / total:6.1%}{per}")
+    matmul_limits(cfg.batch_size, cfg.d_in, cfg.d_sae, repeats=5)     # the machine's rates, after the run
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--gpt2_shaped", action="store_true", help="a random GPT-2-small-shaped model, run as --model=gpt2")
+    p.add_argument("--layer", default="2")
+    p.add_argument("train_flags", nargs="*", help="flags for train.py (after --)")
+    args = p.parse_args()
+    profile([args.layer, "--out_dir=/tmp/sae-profile-runs", *args.train_flags], args.gpt2_shaped)
 
 
 if __name__ == "__main__":
