@@ -1354,7 +1354,7 @@ def test_smollm2_from_its_cache_is_the_model_from_the_gguf(smollm2_layer2, tmp_p
 @pytest.mark.slow
 def test_notebook_runs_top_to_bottom_offline(tmp_path, monkeypatch):
     """analyze.ipynb executes top to bottom with no internet: it trains small SAEs for two adjacent layers
-    of SmolLM2 (and a second seed of the first) through train.py when none exist, every exercise left
+    of SmolLM2 (and a second seed of both) through train.py when none exist, every exercise left
     unwritten falls back to its reference, and the cells after the exercises run on it."""
     import nbformat
     from nbclient import NotebookClient
@@ -1367,9 +1367,10 @@ def test_notebook_runs_top_to_bottom_offline(tmp_path, monkeypatch):
     printed = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
     for name in ("cooccurrence", "lift_and_pvalue", "best_decoder_match", "activation_correlation", "ablate_features"):
         assert f"{name}: not written yet. The rest of the notebook uses the reference" in printed, name
-    for result in ("beyond chance", "mutual best matches", "loss change", "of its match's activation"):
+    for result in ("beyond chance", "mutual best matches", "cross-layer pairs", "loss change", "random direction",
+                   "of its match's activation", "on the last token"):
         assert result in printed, result
-    assert len(os.listdir(tmp_path / "runs")) == 2                 # layers 2 and 3 from one forward; layer 2, seed 1
+    assert len(os.listdir(tmp_path / "runs")) == 2                 # layers 2 and 3 from one forward, for seeds 0 and 1
 
 
 def _named(name):
