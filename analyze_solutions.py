@@ -1,12 +1,16 @@
 """
 Reference solutions and checks for analyze.ipynb: open this file when you want to read a solution.
 
-Each exercise of the notebook has a reference here, under the same name, and a check that
-compares a learner's function with it on random inputs built to tell plausible mistakes apart
-(arguments swapped, thresholds off by one, features that never fire, decoder rows that are not
-unit norm) and on one case at the post's width (24,576 features) with few non-zeros, run under
-a memory budget so that a solution that densifies fails at once with a message instead of
-filling the machine's memory.
+Each exercise of the notebook has a reference here, under the same name, and a check that runs a
+learner's function on seeded cases and compares it with the reference. A check enforces the
+exercise's output contract (torch, dense, the dtypes and shapes the later cells index and print
+with, each pair once with i < j), feeds the inputs the notebook produces (uncoalesced sparse
+tensors in no order) and the post's scale (24,576 features, 2^20 tokens: counts past 2^8, 2^16
+and products past 2^31, features that fire on every token or once, correlations of real size,
+few non-zeros so that it takes seconds), counts every tensor the function holds at once against
+a 1 GB budget, checks that inputs and the SAE come back unchanged, and runs in a forked process
+so that a crash inside torch becomes a sentence. Its message names the first entry that
+differs, expected against got, and the likely cause when it recognises one.
 
     from analyze_solutions import check
     cooccurrence = check(cooccurrence)   # prints "correct." or what differs; returns yours if
