@@ -20,6 +20,7 @@ Everything here works on sparse activations: torch COO tensors of shape [n_token
 """
 
 import contextlib
+import faulthandler
 import inspect
 import io
 import math
@@ -774,6 +775,7 @@ def _isolated(fn) -> str | None:
     reader, writer = ctx.Pipe(duplex=False)
 
     def child():
+        faulthandler.disable()                                 # a crash is reported as a sentence, not a dump
         torch.set_num_threads(1)
         sys.stdout = sys.stderr = io.StringIO()                # the learner's prints stay in the child
         _CURRENT["report"] = lambda what: writer.send(("case", what))
