@@ -224,6 +224,28 @@ def test_sparse_step_computes_what_the_dense_step_computes(method, firing):
         assert torch.allclose(weights[1][name], w, atol=1e-5), name
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
+@pytest.mark.parametrize("d_sae", [9216, 37, 130])
+def test_firing_pairs_and_blocked_transpose_are_the_plain_torch_results(dtype, d_sae):
+    """sparse_step.firing (nonzero over an int64 view) gives exactly relu().nonzero()'s pairs, in
+    the same order, with -0.0, exact zeros, a NaN, whole rows and rows with nothing firing, and widths
+    that 8 bytes do not divide (the plain path); transposed() is t.T exactly, for blocks that do
+    not divide the rows."""
+    from sparse_step import firing, transposed
+    torch.manual_seed(0)
+    pre = (torch.randn(64, d_sae) - 2.0).to(dtype)
+    pre[3] = 1.0                                           # a row where everything fires
+    pre[4] = 0.0                                           # one where nothing does
+    pre[5, ::3] = -0.0
+    pre[6, 1] = float("nan")
+    rows, cols = firing(pre)
+    want_rows, want_cols = pre.relu().nonzero(as_tuple=True)
+    assert torch.equal(rows, want_rows) and torch.equal(cols, want_cols)
+    assert len(rows) > d_sae                               # row 3 alone holds d_sae pairs
+    t = torch.randn(d_sae, 24)
+    assert torch.equal(transposed(t, block=50), t.T) and transposed(t).is_contiguous()
+
+
 # -----------------------------------------------------------------------------
 # ghost gradients
 
@@ -398,6 +420,29 @@ def test_buffer_rows_are_the_hook_activations_without_bos(tiny_model, tokenizer)
     served = torch.cat([next(buffer), next(buffer)])
     bos_rows = tiny_model(torch.tensor([[tokenizer.bos_token_id]]), stop_at_layer=layer)[0]
     assert not any(torch.allclose(r, bos_rows[0], atol=1e-5) for r in served)
+
+
+def test_bf16_activations_come_from_a_bf16_copy_and_leave_the_model_as_it_was(tiny_model, tokenizer):
+    """bf16=True gives bf16 rows within bf16's rounding of the fp32 rows, for one layer and for
+    several (hooks on the copy); the model itself keeps its fp32 weights and config, and the copy
+    shares the blocks it never runs."""
+    from sae import bf16_blocks
+    contexts = list(token_contexts(make_documents(60), tokenizer, 32, 4))[:3]
+    special = special_token_ids(tokenizer)
+    before = {n: p.clone() for n, p in tiny_model.state_dict().items()}
+    for layer in (2, [1, 2]):
+        exact = torch.cat(list(activation_chunks(tiny_model, contexts, layer, special)))
+        rows = torch.cat(list(activation_chunks(tiny_model, contexts, layer, special, bf16=True)))
+        assert rows.dtype == torch.bfloat16 and rows.shape == exact.shape
+        error = ((rows.float() - exact).norm(dim=-1) / exact.norm(dim=-1)).mean()
+        assert 1e-4 < error < 0.03, error                 # rounded, not exact, and no more than bf16 rounds
+    assert tiny_model.cfg.dtype == torch.float32
+    assert all(torch.equal(p, before[n]) and p.dtype == before[n].dtype for n, p in tiny_model.state_dict().items())
+    copied = bf16_blocks(tiny_model, 1)
+    assert copied.blocks[0].attn.W_Q.dtype == torch.bfloat16 and copied.blocks[1] is tiny_model.blocks[1]
+    # nothing of the later blocks is copied, not even through TransformerLens's dicts of submodules
+    assert copied.mod_dict["blocks.1.attn"] is tiny_model.blocks[1].attn
+    assert copied.hook_dict["blocks.2.hook_resid_pre"] is tiny_model.hook_dict["blocks.2.hook_resid_pre"]
 
 
 # -----------------------------------------------------------------------------
