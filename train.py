@@ -40,7 +40,7 @@ device = "cuda" if torch.cuda.is_available() else "cpu"
 # settings, in layers: the post's recipe (Config's defaults) -> a preset that sizes the run -> your flags
 
 # The post's recipe is a GPU job: 300M tokens at 24,576 features would take days on a laptop CPU.
-# Without a GPU the preset below sizes the run to ~9 minutes on 2 cores (SmolLM2; GPT-2 small ~15,
+# Without a GPU the preset below sizes the run to ~7 minutes on 2 cores (SmolLM2; GPT-2 small ~13,
 # benchmarks/README.md); any flag you pass wins.
 CPU_PRESET = dict(
     total_tokens=2_500_000,
@@ -166,7 +166,7 @@ def make_config(flags: dict) -> tuple[Config, list[str]]:
         for name, value in CPU_PRESET.items():
             setattr(cfg, name, value)
         unset = [n for n in CPU_PRESET if n not in flags]
-        lines.append("preset: no GPU, so a CPU preset sized for ~9 minutes on 2 cores (~15 for GPT-2) ("
+        lines.append("preset: no GPU, so a CPU preset sized for ~7 minutes on 2 cores (~13 for GPT-2) ("
                      + ", ".join(f"--{n}={getattr(cfg, n)}" for n in unset) + "); the post's full "
                      "recipe (300M tokens, days on a CPU): --preset=post")
     for name, value in flags.items():

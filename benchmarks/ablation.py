@@ -1,0 +1,168 @@
+"""
+The post's tricks one at a time, at the CPU preset: one `python train.py 2,3,5` call per setting.
+
+    python benchmarks/ablation.py run preset [--seed=1]   # train one setting, then measure it
+    python benchmarks/ablation.py measure runs/ablation/<run>   # measure a finished run again
+    python benchmarks/ablation.py table                   # every measured run, one row per layer
+
+`run` calls train.py itself (the same code path as `python train.py 2`, only the setting's
+flags added), then measures each layer's SAE on data no training step saw:
+- EV, L0 and CE recovered on 256 contexts after the training rows (~32k tokens, 8 x the run's
+  own 32), with standard errors from a bootstrap over groups of 8 consecutive contexts (1,000
+  resamples; contexts of one document are correlated, so groups, not single contexts);
+- dead, dense and the histogram's mode with the final weights on the 1M tokens after the
+  training rows (density.py).
+Each row goes to ablation_results.jsonl beside this file. A setting costs ~15 minutes of
+training and ~8 of measuring on 2 cores; asserts nothing.
+"""
+
+import argparse
+import glob
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, ".."))
+sys.path.insert(0, HERE)
+import sources as S                                              # noqa: E402
+from density import fresh_density                                # noqa: E402
+from sae import SAE, HeldOut, evaluate, is_special, make_held_out, special_token_ids, token_contexts   # noqa: E402
+
+LAYERS = "2,3,5"
+LONG_WINDOW = "--dead_window=977"          # 1M tokens: long enough to tell rare features from dead ones
+SETTINGS = {                               # name -> the flags that change one thing from the preset
+    "preset": [],
+    "ghost grads, the post's window": ["--ghost_grads=True"],
+    "ghost grads, 1M-token window": ["--ghost_grads=True", LONG_WINDOW],
+    "ghost grads as released, exp(relu(h))": ["--ghost_grads=True", LONG_WINDOW, "--ghost_exp=relu_h"],
+    "no LR warmup": ["--warmup_steps=0"],
+    "b_dec starts at the mean": ["--b_dec_init=mean"],
+    "b_dec starts at zero": ["--b_dec_init=zeros"],
+    "the release's MSE normaliser": ["--mse_norm=uncentred"],
+}
+RESULTS = os.path.join(HERE, "ablation_results.jsonl")
+OUT = os.path.join(HERE, "..", "runs", "ablation")
+
+
+def base_losses(model, tokens, layer, special, group: int) -> list[tuple[float, float]]:
+    """(clean CE, zero-ablated CE) of each group of contexts: the same for every SAE of a layer that
+    read the same data, so computed once and kept in OUT (two of the three model passes)."""
+    os.makedirs(OUT, exist_ok=True)
+    path = os.path.join(OUT, f"base_L{layer}_g{group}_{hashlib.sha1(tokens.numpy().tobytes()).hexdigest()[:12]}.json")
+    if os.path.exists(path):
+        return json.load(open(path))
+    losses = [(h.ce_clean, h.ce_zero) for h in (make_held_out(model, part, layer, special)
+                                                for part in tokens.split(group))]
+    with open(path, "w") as f:
+        json.dump(losses, f)
+    return losses
+
+
+@torch.no_grad()
+def group_stats(sae, model, tokens, layer, special, group: int = 8) -> list[dict]:
+    """Sums over each group of `group` contexts, from which any resample's metrics follow exactly."""
+    rows = []
+    for part, (ce_clean, ce_zero) in zip(tokens.split(group), base_losses(model, tokens, layer, special, group)):
+        held = HeldOut(part, model(part, stop_at_layer=layer).float(), ~is_special(part, special),
+                       ce_clean, ce_zero, float("nan"))           # as make_held_out, its two passes cached
+        m = evaluate(sae, model, held, layer, with_kl=False)
+        x = held.resid[held.keep]
+        x_hat = sae.decode(sae.encode(x))
+        n_ce = held.keep[:, 1:].sum().item()                      # the scored next-token targets
+        rows.append({"n": len(x), "err": ((x - x_hat) ** 2).sum().item(), "sq": (x ** 2).sum().item(),
+                     "sum_x": x.sum(0).double(), "l0": m["l0"] * len(x), "n_ce": n_ce,
+                     "ce_sae": m["ce_sae"] * n_ce, "ce_clean": ce_clean * n_ce, "ce_zero": ce_zero * n_ce})
+    return rows
+
+
+def metrics_of(rows: list[dict]) -> dict:
+    total = lambda k: sum(r[k] for r in rows)
+    n, sum_x = total("n"), sum(r["sum_x"] for r in rows)
+    centred = total("sq") - (sum_x ** 2).sum().item() / n        # sum ||x - mean||^2, the mean of these rows
+    ce_sae, ce_clean, ce_zero = total("ce_sae"), total("ce_clean"), total("ce_zero")
+    return {"explained_variance": 1 - total("err") / centred, "l0": total("l0") / n,
+            "ce_recovered": (ce_zero - ce_sae) / (ce_zero - ce_clean),
+            "ce_increase": (ce_sae - ce_clean) / total("n_ce")}
+
+
+def bootstrap(rows: list[dict], resamples: int = 1000, seed: int = 0) -> dict:
+    """Each metric on all groups, and its standard error over resamples of the groups."""
+    g = torch.Generator().manual_seed(seed)
+    draws = [metrics_of([rows[i] for i in torch.randint(len(rows), (len(rows),), generator=g)])
+             for _ in range(resamples)]
+    point = metrics_of(rows)
+    return {**point, **{f"{k}_se": torch.tensor([d[k] for d in draws]).std().item() for k in point}}
+
+
+def measure(run_dir: str, setting: str = "", n_contexts: int = 256) -> list[dict]:
+    folders = sorted(glob.glob(os.path.join(run_dir, "L*")))
+    cfg = json.load(open(os.path.join(folders[0], "cfg.json")))
+    if not S.hub_status()[0]:
+        S.go_offline()
+    model = S.load_model(cfg["model"], "cpu")
+    corpus = S.open_corpus(cfg["dataset"], cfg["seed"])
+    docs = S.documents(corpus, skip=cfg["rows_read"])              # after everything training read
+    contexts = token_contexts(docs, model.tokenizer, cfg["context_size"], 32)
+    tokens = torch.cat([t for _, t in zip(range(n_contexts // 32), contexts)])
+    special = special_token_ids(model.tokenizer)
+    results = []
+    for folder, dens in zip(folders, fresh_density(folders)):
+        layer_cfg = json.load(open(os.path.join(folder, "cfg.json")))
+        sae = SAE.load(folder).eval()
+        row = {"setting": setting, "run": os.path.relpath(folder, os.path.join(HERE, "..")),
+               "layer": layer_cfg["layer"], "seed": layer_cfg["seed"], "contexts": len(tokens),
+               **bootstrap(group_stats(sae, model, tokens, layer_cfg["layer"], special)),
+               **{f"final_{k}": v for k, v in dens.items() if k != "log_density"}}
+        print(json.dumps(row))
+        results.append(row)
+        with open(RESULTS, "a") as f:
+            f.write(json.dumps(row) + "\n")
+    return results
+
+
+def run(setting: str, seed: int):
+    argv = [sys.executable, "train.py", LAYERS, *SETTINGS[setting], f"--seed={seed}", f"--out_dir={OUT}"]
+    print(" ".join(argv[1:]), flush=True)
+    before = set(glob.glob(os.path.join(OUT, "*")))
+    start = time.perf_counter()
+    subprocess.run(argv, cwd=os.path.join(HERE, ".."), check=True)
+    print(f"trained in {time.perf_counter() - start:.0f} s", flush=True)
+    (run_dir,) = set(glob.glob(os.path.join(OUT, "*"))) - before
+    measure(run_dir, setting)
+
+
+def table():
+    rows = [json.loads(line) for line in open(RESULTS)]
+    print("| setting | seed | layer | EV | L0 | CE recovered | dead | dense | mode |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['setting']} | {r['seed']} | {r['layer']} | {r['explained_variance']:.4f} ± "
+              f"{r['explained_variance_se']:.4f} | {r['l0']:.1f} ± {r['l0_se']:.1f} | {r['ce_recovered']:.4f} ± "
+              f"{r['ce_recovered_se']:.4f} | {r['final_dead']:.1%} | {r['final_dense']:.1%} | "
+              f"10^{r['final_mode']:g}..10^{r['final_mode'] + 0.5:g} |")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("what", choices=["run", "measure", "table"])
+    p.add_argument("target", nargs="?", help=f"run: a setting ({', '.join(SETTINGS)}); measure: a run folder")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    if args.what == "run":
+        if args.target not in SETTINGS:
+            sys.exit(f"Unknown setting {args.target!r}: choose one of {', '.join(SETTINGS)}.")
+        run(args.target, args.seed)
+    elif args.what == "measure":
+        measure(args.target)
+    else:
+        table()
+
+
+if __name__ == "__main__":
+    main()
