@@ -283,13 +283,10 @@ def _uncoalesced(indices, values, shape, generator):
     return torch.sparse_coo_tensor(indices[:, order], values[order], shape)
 
 
-def _distinct(indices, values, shape):
-    """Drops repeated (row, column) entries, keeping the first of each."""
-    key = indices[0] * shape[1] + indices[1]
-    key, first = torch.unique(key, return_inverse=True)
-    keep = torch.full((len(key),), len(first), dtype=torch.long).scatter_reduce(
-        0, first, torch.arange(len(first)), "amin")
-    return indices[:, keep], values[keep]
+def _distinct(indices, shape):
+    """The distinct (row, column) pairs of indices [2, n], in row-major order."""
+    key = torch.unique(indices[0] * shape[1] + indices[1])
+    return torch.stack([key // shape[1], key % shape[1]])
 
 
 def _sparse(n_tokens, d_sae, nnz, generator, values=None):
@@ -470,7 +467,7 @@ def _cooccurrence_scale_case(g, n_tokens, d_sae, cluster, cluster_tokens):
     ct = t[1000:1000 + cluster_tokens]
     parts.append(torch.stack([ct.repeat_interleave(cluster), group.repeat(cluster_tokens)]))
     idx = torch.cat(parts, 1)
-    idx, _ = _distinct(idx, torch.ones(idx.shape[1]), (n_tokens, d_sae))
+    idx = _distinct(idx, (n_tokens, d_sae))
     return _uncoalesced(idx, torch.ones(idx.shape[1]), (n_tokens, d_sae), g)
 
 
