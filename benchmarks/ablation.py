@@ -12,8 +12,8 @@ flags added), then measures each layer's SAE on data no training step saw:
   resamples; contexts of one document are correlated, so groups, not single contexts);
 - dead, dense and the histogram's mode with the final weights on the 1M tokens after the
   training rows (density.py).
-Each row goes to ablation_results.jsonl beside this file. A setting costs ~15 minutes of
-training and ~8 of measuring on 2 cores; asserts nothing.
+Each row goes to ablation_results.jsonl beside this file. A setting costs ~25 minutes of
+training and ~23 of measuring on 2 cores (less for a seed whose clean passes are kept); asserts nothing.
 """
 
 import argparse
