@@ -73,9 +73,10 @@ def group_stats(sae, model, tokens, layer, special, group: int = 8) -> list[dict
                        ce_clean, ce_zero, float("nan"))           # as make_held_out, its two passes cached
         m = evaluate(sae, model, held, layer, with_kl=False)
         x = held.resid[held.keep]
-        x_hat = sae.decode(sae.encode(x))
+        # the group's squared error, from its EV (evaluate centres on the group's own mean)
+        err = (1 - m["explained_variance"]) * ((x - x.mean(0)) ** 2).sum().item()
         n_ce = held.keep[:, 1:].sum().item()                      # the scored next-token targets
-        rows.append({"n": len(x), "err": ((x - x_hat) ** 2).sum().item(), "sq": (x ** 2).sum().item(),
+        rows.append({"n": len(x), "err": err, "sq": (x ** 2).sum().item(),
                      "sum_x": x.sum(0).double(), "l0": m["l0"] * len(x), "n_ce": n_ce,
                      "ce_sae": m["ce_sae"] * n_ce, "ce_clean": ce_clean * n_ce, "ce_zero": ce_zero * n_ce})
     return rows
