@@ -401,6 +401,28 @@ def test_buffer_shapes_refill_at_half_and_shuffling():
     assert len(reads) == 30                                          # 100 fresh rows = 10 chunks
 
 
+def test_buffer_drops_no_row_of_a_chunk_that_does_not_fit_and_resumes_with_it():
+    """Chunks of 7 rows into halves of 20: every row the model produced is served or still held
+    (in the buffer, or kept for the next fill), each once, none skipped; and a state_dict taken
+    mid-way, loaded into a fresh buffer over the rest of the stream, serves the same batches."""
+    def chunks(start=0):
+        for i in range(start, 10_000):
+            yield torch.arange(7 * i, 7 * i + 7, dtype=torch.float32)[:, None]   # row ids, in order
+
+    buffer = ActivationBuffer(chunks(), size=40, batch_size=4, seed=0)
+    served = torch.cat([next(buffer) for _ in range(23)])[:, 0]      # 4 refills, each ending mid-chunk
+    held = buffer.data[buffer.order[buffer.pos:]][:, 0]
+    spare = buffer.spare[:, 0] if buffer.spare is not None else torch.empty(0)
+    seen = torch.cat([served, held, spare]).sort().values
+    assert torch.equal(seen, torch.arange(7 * buffer.chunks_read, dtype=torch.float32))
+    assert buffer.spare is not None                                  # the case this test is for
+    state = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in buffer.state_dict().items()}
+    after = torch.cat([next(buffer) for _ in range(12)])
+    fresh = ActivationBuffer(chunks(state["chunks_read"]), size=40, batch_size=4, seed=0)
+    fresh.load_state_dict(state)
+    assert torch.equal(torch.cat([next(fresh) for _ in range(12)]), after)
+
+
 def test_buffer_rows_are_the_hook_activations_without_bos(tiny_model, tokenizer):
     """The rows served are exactly blocks.L.hook_resid_pre from a full forward pass with a hook
     (so stopping the forward early changes nothing), with every BOS position left out."""
@@ -499,6 +521,25 @@ def test_explained_variance_is_centred(tiny_model, tokenizer):
     assert abs(m["explained_variance"]) < 1e-4 and m["l0"] == 0
     uncentred = 1 - ((x - x.mean(0)) ** 2).sum() / (x ** 2).sum()
     assert uncentred > 0.05
+
+
+def test_an_evaluation_without_ce_gives_the_same_reconstruction_metrics_and_runs_no_model(tiny_model, tokenizer):
+    """with_ce=False (the CPU preset's evaluations during training): EV, L0 and L1 as with CE, the
+    CE entries nan, the model never called; the progress line then leaves CE out."""
+    tokens = torch.cat(list(token_contexts(make_documents(80), tokenizer, 32, 4))[:2])
+    ev = make_held_out(tiny_model, tokens, 1, special_token_ids(tokenizer))
+    torch.manual_seed(0)
+    sae = SAE(32, 64)
+    full = evaluate(sae, tiny_model, ev, 1, with_kl=False)
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model ran")
+    cheap = evaluate(sae, no_model, ev, 1, with_kl=False, with_ce=False)
+    for key in ("explained_variance", "l0", "l1", "cosine", "l2_ratio"):
+        assert cheap[key] == full[key], key
+    assert math.isnan(cheap["ce_sae"]) and math.isnan(cheap["ce_recovered"]) and not math.isnan(full["ce_sae"])
+    line = T.format_metrics(5, {**cheap, "layer": 1, "l1_coeff": 1e-4})
+    assert "EV" in line and "CE" not in line and "CE rec" in T.format_metrics(5, {**full, "layer": 1, "l1_coeff": 1e-4})
 
 
 # -----------------------------------------------------------------------------

@@ -104,7 +104,7 @@ def profile(argv: list[str], gpt2_shaped: bool = False):
     S.ActivationBuffer._fill = timers.wrap("buffer shuffle", S.ActivationBuffer._fill)
     T.train_step = timers.wrap(lambda sae, state, x, cfg: "SAE step, sparse" if cfg.sparse_step
                                and state.last_density < T.SPARSE_BELOW else "SAE step, dense", T.train_step)
-    T.measure = timers.wrap(lambda run, with_kl: "final evaluation (with KL)" if with_kl
+    T.measure = timers.wrap(lambda run, with_kl, with_ce=True: "final evaluation (with KL)" if with_kl
                             else "periodic evaluations", evaluating(T.measure))
     T.checkpoint = timers.wrap("checkpoints", T.checkpoint)
     T.save_all = timers.wrap("saving", T.save_all)
