@@ -673,6 +673,21 @@ def test_resumed_training_equals_uninterrupted_training(tmp_path):
 # train.py: command line and the whole main path
 
 
+def test_a_busy_machine_gets_one_banner_line_and_an_idle_one_none(monkeypatch):
+    """Load above half of torch's threads when the run starts: one line naming the load and the
+    setting that helps; an idle machine, or OMP_WAIT_POLICY already set, gets no line."""
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.setattr(T.torch, "get_num_threads", lambda: 2)
+    monkeypatch.setattr(T.os, "getloadavg", lambda: (2.3, 1.0, 0.5))
+    line = T.busy_machine()
+    assert "load 2.3" in line and "OMP_WAIT_POLICY=PASSIVE" in line
+    monkeypatch.setattr(T.os, "getloadavg", lambda: (0.4, 1.0, 0.5))
+    assert T.busy_machine() is None
+    monkeypatch.setattr(T.os, "getloadavg", lambda: (2.3, 1.0, 0.5))
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    assert T.busy_machine() is None
+
+
 def test_command_line_refuses_bad_input_with_one_sentence():
     """Unknown options, bad values and a missing layer are refused with a message naming the fix."""
     with pytest.raises(T.UserError, match="Unknown option --lrr; allowed: .*--lr"):

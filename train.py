@@ -317,6 +317,25 @@ def keep_freed_memory():
         pass
 
 
+def busy_machine() -> str | None:
+    """A banner line when other processes already keep the cores busy as the run starts, else None.
+
+    Two torch processes on the same cores slow each other far more than sharing would: each
+    one's OpenMP threads spin, waiting for cores the other holds. Two short runs at once took
+    250 s each, against 57 s alone; with OMP_WAIT_POLICY=PASSIVE in both (threads sleep instead
+    of spinning), 84 s each; alone, PASSIVE was ~5 % slower, so it is not the default
+    (benchmarks/README.md). The 1-minute load average, read before this run has done any work,
+    is the others' work; above half the threads torch uses, they are likely to collide."""
+    if device != "cpu" or not hasattr(os, "getloadavg") or "OMP_WAIT_POLICY" in os.environ:
+        return None
+    load, threads = os.getloadavg()[0], torch.get_num_threads()
+    if load <= threads / 2:
+        return None
+    return (f"machine: busy before this run began (load {load:.1f} for torch's {threads} threads), so it will "
+            "be slower; beside another torch process, start both with OMP_WAIT_POLICY=PASSIVE (3x faster "
+            "each, measured) or let one finish first.")
+
+
 # -----------------------------------------------------------------------------
 # the training loop
 
@@ -699,7 +718,8 @@ def open_model_and_data(run: Run):
     check_tokens_fit(run.corpus, model.tokenizer, model.cfg.d_vocab, cfg.model)
     cfg.d_in = model.cfg.d_model
     onednn = use_onednn_fp32_matmul()
-    for line in run.lines:
+    busy = busy_machine()
+    for line in run.lines + ([busy] if busy else []):
         print("!! " + line)
     print(f"config: {json.dumps(asdict(cfg))}")
     print(f"sizes: d_in {cfg.d_in}, d_sae {cfg.d_sae}, {cfg.total_steps} steps of {cfg.batch_size} tokens, "
