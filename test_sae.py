@@ -673,19 +673,23 @@ def test_resumed_training_equals_uninterrupted_training(tmp_path):
 # train.py: command line and the whole main path
 
 
-def test_a_busy_machine_gets_one_banner_line_and_an_idle_one_none(monkeypatch):
-    """Load above half of torch's threads when the run starts: one line naming the load and the
-    setting that helps; an idle machine, or OMP_WAIT_POLICY already set, gets no line."""
+def test_a_busy_machine_gets_one_banner_line_and_an_idle_one_none(monkeypatch, tmp_path):
+    """Other threads runnable (procs_running, this one not counted) at half of torch's threads or
+    more: one line naming them and the setting that helps; fewer, OMP_WAIT_POLICY already set, or
+    no /proc/stat (not Linux): no line."""
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
     monkeypatch.setattr(T.torch, "get_num_threads", lambda: 2)
-    monkeypatch.setattr(T.os, "getloadavg", lambda: (2.3, 1.0, 0.5))
-    line = T.busy_machine()
-    assert "load 2.3" in line and "OMP_WAIT_POLICY=PASSIVE" in line
-    monkeypatch.setattr(T.os, "getloadavg", lambda: (0.4, 1.0, 0.5))
-    assert T.busy_machine() is None
-    monkeypatch.setattr(T.os, "getloadavg", lambda: (2.3, 1.0, 0.5))
+    stat = tmp_path / "stat"
+
+    def running(n):
+        stat.write_text(f"cpu  1 2 3 4\nprocs_running {n}\nprocs_blocked 0\n")
+        return T.busy_machine(str(stat), samples=1)
+    line = running(3)                                                # this thread and 2 others
+    assert "2 other threads" in line and "OMP_WAIT_POLICY=PASSIVE" in line
+    assert running(1) is None                                        # only this thread
+    assert T.busy_machine(str(tmp_path / "absent"), samples=1) is None
     monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
-    assert T.busy_machine() is None
+    assert running(3) is None
 
 
 def test_command_line_refuses_bad_input_with_one_sentence():

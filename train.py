@@ -40,7 +40,7 @@ device = "cuda" if torch.cuda.is_available() else "cpu"
 # settings, in layers: the post's recipe (Config's defaults) -> a preset that sizes the run -> your flags
 
 # The post's recipe is a GPU job: 300M tokens at 24,576 features would take days on a laptop CPU.
-# Without a GPU the preset below sizes the run to ~7 minutes on 2 cores (SmolLM2; GPT-2 small ~13,
+# Without a GPU the preset below sizes the run to ~7 minutes on 2 cores (SmolLM2; GPT-2 small ~11,
 # benchmarks/README.md); any flag you pass wins.
 CPU_PRESET = dict(
     total_tokens=2_500_000,
@@ -168,7 +168,7 @@ def make_config(flags: dict) -> tuple[Config, list[str]]:
         for name, value in CPU_PRESET.items():
             setattr(cfg, name, value)
         unset = [n for n in CPU_PRESET if n not in flags]
-        lines.append("preset: no GPU, so a CPU preset sized for ~7 minutes on 2 cores (~13 for GPT-2) ("
+        lines.append("preset: no GPU, so a CPU preset sized for ~7 minutes on 2 cores (~11 for GPT-2) ("
                      + ", ".join(f"--{n}={getattr(cfg, n)}" for n in unset) + "); the post's full "
                      "recipe (300M tokens, days on a CPU): --preset=post")
     for name, value in flags.items():
@@ -317,23 +317,30 @@ def keep_freed_memory():
         pass
 
 
-def busy_machine() -> str | None:
-    """A banner line when other processes already keep the cores busy as the run starts, else None.
+def busy_machine(stat: str = "/proc/stat", samples: int = 5) -> str | None:
+    """A banner line when other processes keep the cores busy as the run starts, else None.
 
     Two torch processes on the same cores slow each other far more than sharing would: each
     one's OpenMP threads spin, waiting for cores the other holds. Two short runs at once took
     250 s each, against 57 s alone; with OMP_WAIT_POLICY=PASSIVE in both (threads sleep instead
     of spinning), 84 s each; alone, PASSIVE was ~5 % slower, so it is not the default
-    (benchmarks/README.md). The 1-minute load average, read before this run has done any work,
-    is the others' work; above half the threads torch uses, they are likely to collide."""
-    if device != "cpu" or not hasattr(os, "getloadavg") or "OMP_WAIT_POLICY" in os.environ:
+    (benchmarks/README.md). The kernel's count of runnable threads (procs_running in /proc/stat,
+    Linux), read a few times 0.1 s apart before this run does any work, is the others' work
+    plus this thread; the load average would not do: it stays high for a minute after a run ends."""
+    if device != "cpu" or "OMP_WAIT_POLICY" in os.environ or not os.path.exists(stat):
         return None
-    load, threads = os.getloadavg()[0], torch.get_num_threads()
-    if load <= threads / 2:
+    counts = []
+    for i in range(samples):
+        if i:
+            time.sleep(0.1)
+        with open(stat) as f:
+            counts += [int(line.split()[1]) - 1 for line in f if line.startswith("procs_running")]
+    others, threads = sorted(counts)[len(counts) // 2] if counts else 0, torch.get_num_threads()
+    if others < max(1, threads / 2):
         return None
-    return (f"machine: busy before this run began (load {load:.1f} for torch's {threads} threads), so it will "
-            "be slower; beside another torch process, start both with OMP_WAIT_POLICY=PASSIVE (3x faster "
-            "each, measured) or let one finish first.")
+    return (f"machine: busy before this run began ({others} other threads running, for torch's {threads}), so "
+            "it will be slower; beside another torch process, start both with OMP_WAIT_POLICY=PASSIVE (3x "
+            "faster each, measured) or let one finish first.")
 
 
 # -----------------------------------------------------------------------------
