@@ -2027,7 +2027,7 @@ def test_ctrl_c_outside_training_says_what_was_kept(offline_tiny, corpus, tmp_pa
     assert os.listdir(tmp_path / "a") == []
     monkeypatch.setattr(T, "build_buffer", real_build_buffer)
     full = T.run(["1", f"--dataset={corpus}", f"--out_dir={tmp_path / 'b'}"] + TINY_RUN)
-    monkeypatch.setattr(T, "measure", lambda run, with_kl: interrupt() if with_kl else real_measure(run, with_kl))
+    monkeypatch.setattr(T, "measure", lambda run, with_kl, **kw: interrupt() if with_kl else real_measure(run, with_kl, **kw))
     with pytest.raises(T.Interrupted, match="final evaluation. The trained SAEs are saved") as stopped:
         T.run(["1", f"--dataset={corpus}", f"--out_dir={tmp_path / 'c'}"] + TINY_RUN)
     checkpoint = str(stopped.value).split("--resume=")[1].split("`")[0]
