@@ -325,17 +325,20 @@ def busy_machine(stat: str = "/proc/stat", samples: int = 5) -> str | None:
     250 s each, against 57 s alone; with OMP_WAIT_POLICY=PASSIVE in both (threads sleep instead
     of spinning), 84 s each; alone, PASSIVE was ~5 % slower, so it is not the default
     (benchmarks/README.md). The kernel's count of runnable threads (procs_running in /proc/stat,
-    Linux), read a few times 0.1 s apart before this run does any work, is the others' work
-    plus this thread; the load average would not do: it stays high for a minute after a run ends."""
+    Linux), read before this run does any work, is the others' work plus this thread; the load
+    average would not do: it stays high for a minute after a run ends. An idle machine costs one
+    read; a busy one is confirmed by the median of `samples` reads 0.1 s apart."""
     if device != "cpu" or "OMP_WAIT_POLICY" in os.environ or not os.path.exists(stat):
         return None
-    counts = []
-    for i in range(samples):
-        if i:
-            time.sleep(0.1)
+
+    def others_running() -> int:
         with open(stat) as f:
-            counts += [int(line.split()[1]) - 1 for line in f if line.startswith("procs_running")]
-    others, threads = sorted(counts)[len(counts) // 2] if counts else 0, torch.get_num_threads()
+            return next((int(line.split()[1]) - 1 for line in f if line.startswith("procs_running")), 0)
+    threads, counts = torch.get_num_threads(), [others_running()]
+    while counts[0] >= max(1, threads / 2) and len(counts) < samples:
+        time.sleep(0.1)
+        counts.append(others_running())
+    others = sorted(counts)[len(counts) // 2]
     if others < max(1, threads / 2):
         return None
     return (f"machine: busy before this run began ({others} other threads running, for torch's {threads}), so "
