@@ -71,8 +71,8 @@ def train_ours(acts, d_sae, batch, lr, l1, warmup, **extra) -> SAE:
         sae_module.normalized_mse = lambda x_hat, x, norm: ((x_hat - x) ** 2).mean() / norm.mean()
     cfg = Config(d_in=acts.shape[1], expansion=d_sae // acts.shape[1], batch_size=batch,
                  total_tokens=len(acts) // batch * batch, lr=lr, l1_coeff=l1, warmup_steps=warmup,
-                 dead_window=dead_window(len(acts) // batch),
-                 eval_every=10**9, precision="float32", **extra)
+                 dead_window=extra.pop("dead_window", dead_window(len(acts) // batch)),
+                 eval_every=10**9, precision=extra.pop("precision", "float32"), **extra)
     torch.manual_seed(0)
     sae = SAE(cfg.d_in, cfg.d_sae, cfg.l1_coeff, cfg.method, mse_norm="centred", k=cfg.k)   # as measured
     with torch.no_grad():
@@ -147,6 +147,16 @@ TRAINERS = {"ours": train_ours, "saelens": train_saelens, "saelens_topk": train_
             "saelens_batchtopk": lambda *a, **kw: train_saelens_topk(*a, batch_topk=True, **kw)}
 
 
+@torch.no_grad()
+def final_density(sae: SAE, acts: torch.Tensor) -> dict:
+    """Share of features that never fire on (the first 600k of) the cached activations with the final
+    weights (dead), and that fire on more than 1 % of them (dense, as density.py counts)."""
+    acts = acts[:600_000]
+    fires = sum((sae.encode(part) > 0).sum(0) for part in acts.split(8192))
+    return {"dead_final": (fires == 0).float().mean().item(),
+            "dense_final": (fires > 0.01 * len(acts)).float().mean().item()}
+
+
 def sweep(args):
     model, held_out, acts = real_data(args.tokens, args.cache)
     for lr in args.lr:
@@ -154,12 +164,12 @@ def sweep(args):
             start = time.time()
             extra = {**(json.loads(args.extra) if args.extra else {}), **({"k": k} if k else {})}
             sae = TRAINERS[args.trainer](acts, args.width, args.batch, lr, l1, args.warmup, **extra)
-            m = evaluate(sae, model, held_out, 2)
+            m = {**evaluate(sae, model, held_out, 2), **final_density(sae, acts)}
             row = {"task": "smollm2_L2", "trainer": args.trainer, "tag": args.tag, "lr": lr, "l1": l1,
                    "extra": extra, "tokens": args.tokens, "width": args.width, "batch": args.batch,
                    "seconds": round(time.time() - start, 1), **{k: m[k] for k in (
                        "explained_variance", "l0", "ce_recovered", "ce_increase", "kl_score", "l2_ratio",
-                       "relative_reconstruction_bias")}}
+                       "relative_reconstruction_bias", "dead_final", "dense_final")}}
             print(json.dumps(row), flush=True)
             with open(args.results, "a") as f:
                 f.write(json.dumps(row) + "\n")
@@ -217,7 +227,7 @@ def interpolate(points, l0: float, metric: str) -> float | None:
 
 def report(args):
     rows = [json.loads(line) for line in open(args.results)]
-    real = [r for r in rows if r["task"] == "smollm2_L2"]
+    real = [r for r in rows if r["task"] == "smollm2_L2" and (r["width"], r["tokens"]) == (args.width, args.tokens)]
     groups = {}
     for r in real:
         groups.setdefault((r["trainer"], r["tag"] or "", r["lr"]), []).append(r)
@@ -263,8 +273,8 @@ def report(args):
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(os.path.join(HERE, "frontier.png"), dpi=110)
-    print("plot: benchmarks/frontier.png")
+    fig.savefig(os.path.join(HERE, args.png), dpi=110)
+    print(f"plot: benchmarks/{args.png}")
 
 
 def floats(text: str) -> list[float]:
@@ -289,6 +299,7 @@ def main():
     p.add_argument("--tag", default="", help="a label for this variant in the table")
     p.add_argument("--extra", default="", help="JSON of extra Config (ours) or SAETrainerConfig fields")
     p.add_argument("--plot", default="", help="report: the curves to draw, as trainer:tag:lr,... (default all)")
+    p.add_argument("--png", default="frontier.png", help="report: the plot's file name, in benchmarks/")
     p.add_argument("--cache", default=os.path.join(HERE, ".cache"))
     p.add_argument("--results", default=RESULTS)
     args = p.parse_args()
