@@ -1077,6 +1077,20 @@ def test_flags_override_the_cpu_preset_without_switching_recipe(monkeypatch):
     assert cfg.expansion == 4 and cfg.warmup_steps < cfg.total_steps / 10
 
 
+def test_the_cpu_preset_gives_topk_methods_their_own_lr_and_a_typed_lr_wins(monkeypatch):
+    """--method=topk|batchtopk in the CPU preset trains at TOPK_LR (the L1 recipes keep the preset's lr),
+    the banner says so, and an --lr the user typed is kept; the post's preset is untouched."""
+    monkeypatch.setattr(T, "device", "cpu")
+    for method in ("topk", "batchtopk"):
+        cfg, lines = T.make_config({"layer": 2, "method": method})
+        assert cfg.lr == T.TOPK_LR != T.CPU_PRESET["lr"]
+        assert f"--lr={T.TOPK_LR}" in lines[0]
+        assert T.make_config({"layer": 2, "method": method, "lr": 1e-3})[0].lr == 1e-3
+        assert T.make_config({"layer": 2, "method": method, "preset": "post"})[0].lr == 4e-4
+    for method in ("feb2024", "apr2024"):
+        assert T.make_config({"layer": 2, "method": method})[0].lr == T.CPU_PRESET["lr"]
+
+
 def test_a_corpus_too_small_for_held_out_data_and_one_buffer_is_refused(offline_tiny, tmp_path, monkeypatch):
     """A corpus that cannot give held-out contexts disjoint from one buffer of training data is refused
     in one sentence: a one-line file before the model loads, a slightly larger one at the first fill."""

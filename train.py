@@ -56,6 +56,8 @@ CPU_PRESET = dict(
     eval_contexts=32,
     eval_ce=False,              # CE (a pass of the whole model) at the end only: it was ~7 % of the run
 )
+TOPK_LR = 4e-3                  # the CPU preset's lr for topk and batchtopk: no L1 shrinks their codes, and
+                                # 8e-3 was worse at every k on the frontier (benchmarks/README.md)
 POST_STEPS = 300_000_000 // 4096          # 73,242: the post's run, which warmup and dead window are sized for
 SCALED = ("warmup_steps", "dead_window")  # follow the run's length unless you set them
 MAX_EVALS = 4                             # a run shorter than the post's evaluates (and checkpoints) 4 times
@@ -167,6 +169,8 @@ def make_config(flags: dict) -> tuple[Config, list[str]]:
     if preset == "cpu":
         for name, value in CPU_PRESET.items():
             setattr(cfg, name, value)
+        if flags.get("method") in ("topk", "batchtopk"):
+            cfg.lr = TOPK_LR
         unset = [n for n in CPU_PRESET if n not in flags]
         lines.append("preset: no GPU, so a CPU preset sized for ~7 minutes on 2 cores (~11 for GPT-2) ("
                      + ", ".join(f"--{n}={getattr(cfg, n)}" for n in unset) + "); the post's full "

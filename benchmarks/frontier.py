@@ -67,6 +67,7 @@ def real_data(tokens: int, cache: str):
 def train_ours(acts, d_sae, batch, lr, l1, warmup, **extra) -> SAE:
     import sae as sae_module
     enc_scale = extra.pop("enc_scale", 1.0)
+    free_rows = extra.pop("free_rows", False)
     if extra.pop("batch_mse", False):     # experiment: normalise the MSE by the batch's mean centred norm
         sae_module.normalized_mse = lambda x_hat, x, norm: ((x_hat - x) ** 2).mean() / norm.mean()
     cfg = Config(d_in=acts.shape[1], expansion=d_sae // acts.shape[1], batch_size=batch,
@@ -74,12 +75,35 @@ def train_ours(acts, d_sae, batch, lr, l1, warmup, **extra) -> SAE:
                  dead_window=extra.pop("dead_window", dead_window(len(acts) // batch)),
                  eval_every=10**9, precision=extra.pop("precision", "float32"), **extra)
     torch.manual_seed(0)
-    sae = SAE(cfg.d_in, cfg.d_sae, cfg.l1_coeff, cfg.method, mse_norm="centred", k=cfg.k)   # as measured
+    cls = FreeRowsTopK if free_rows else SAE
+    sae = cls(cfg.d_in, cfg.d_sae, cfg.l1_coeff, cfg.method, mse_norm="centred", k=cfg.k)   # as measured
     with torch.no_grad():
         sae.b_dec.copy_(geometric_median(acts[:100_000]))
         sae.W_enc *= enc_scale              # experiment: a smaller encoder at the start
     T.train(sae, iter(acts.split(batch)), cfg)
     return sae.eval()
+
+
+class FreeRowsTopK(SAE):
+    """Experiment: TopK on free decoder rows, as SAELens trains it: rows start at norm 0.1 (the
+    encoder their transpose), the top k are chosen on h_i * ||W_dec_i|| (the size of what feature i
+    writes), and the update clips the gradient's norm to 1 instead of projecting and renormalising."""
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        with torch.no_grad():
+            self.W_dec *= 0.1
+            self.W_enc.copy_(self.W_dec.T)
+
+    @property
+    def unit_norm_decoder(self) -> bool:
+        return False
+
+    def activation(self, h):
+        return super().activation(h * self.W_dec.norm(dim=-1))       # in units of unit-norm rows
+
+    def decode(self, acts):
+        return super().decode(acts / self.W_dec.norm(dim=-1))
 
 
 def fit_saelens(sl, acts, batch, lr, warmup, dead_feature_window: int, extra: dict):
