@@ -57,7 +57,7 @@ CPU_PRESET = dict(
     eval_ce=False,              # CE (a pass of the whole model) at the end only: it was ~7 % of the run
 )
 TOPK_LR = 4e-3                  # the CPU preset's lr for topk and batchtopk: no L1 shrinks their codes, and
-                                # 8e-3 was worse at every k on the frontier (benchmarks/README.md)
+                                # on the frontier 8e-3 was worse at k 12 and 32, level at 96 (benchmarks/README.md)
 POST_STEPS = 300_000_000 // 4096          # 73,242: the post's run, which warmup and dead window are sized for
 SCALED = ("warmup_steps", "dead_window")  # follow the run's length unless you set them
 MAX_EVALS = 4                             # a run shorter than the post's evaluates (and checkpoints) 4 times
