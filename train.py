@@ -938,7 +938,8 @@ def report(cfg: Config, states: list[TrainState], metrics: list[dict], folders: 
         if m["silent_fraction"] > 0.1:
             print(f"note: {m['silent_fraction']:.1%} of the features did not fire in the last {cfg.dead_window} steps; "
                   "most of those will never fire again (the alive column lags). Measure with "
-                  "`python benchmarks/density.py` on the folder, or train with a lower --lr or --l1_coeff.")
+                  "`python benchmarks/density.py` on the folder, or train with a lower --lr"
+                  + ("." if cfg.method in ("topk", "batchtopk") else " or --l1_coeff."))     # topk: no L1 term
     failed = [m for m in metrics if m["failed"]]
     if failed:
         raise UserError(f"This run failed: {'an SAE explains' if len(metrics) > 1 else 'the SAE explains'} less "
