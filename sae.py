@@ -37,6 +37,8 @@ from sparse_step import sparse_encode_decode
 # -----------------------------------------------------------------------------
 # Config: each field's comment is its --help line (train.py reads them from here)
 
+TOPK_METHODS = ("topk", "batchtopk")           # the methods with k features per token and no L1 term
+
 
 @dataclass
 class Config:
@@ -263,7 +265,7 @@ class SAE(nn.Module):
     @property
     def topk(self) -> bool:
         """k features per token instead of an L1 penalty: TopK and BatchTopK."""
-        return self.method in ("topk", "batchtopk")
+        return self.method in TOPK_METHODS
 
     def activation(self, h: torch.Tensor) -> torch.Tensor:
         """ReLU; or keep the k largest pre-activations of each token (TopK, Gao et al. 2024); or the

@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, fields, replace
 import torch
 from tqdm import tqdm
 
-from sae import (SAE, ActivationBuffer, Config, activation_chunks, atomic_write, config_dict,
+from sae import (SAE, TOPK_METHODS, ActivationBuffer, Config, activation_chunks, atomic_write, config_dict,
                  density_histogram, evaluate, geometric_median, log10_density, make_held_out,
                  special_token_ids, token_contexts, write_json)
 from sources import UserError, check_tokens_fit, documents, go_offline, hub_status, load_model, open_corpus
@@ -169,7 +169,7 @@ def make_config(flags: dict) -> tuple[Config, list[str]]:
     if preset == "cpu":
         for name, value in CPU_PRESET.items():
             setattr(cfg, name, value)
-        if flags.get("method") in ("topk", "batchtopk"):
+        if flags.get("method") in TOPK_METHODS:
             cfg.lr = TOPK_LR
         unset = [n for n in CPU_PRESET if n not in flags]
         lines.append("preset: no GPU, so a CPU preset sized for ~7 minutes on 2 cores (~11 for GPT-2) ("
@@ -339,11 +339,12 @@ def busy_machine(stat: str = "/proc/stat", samples: int = 5) -> str | None:
         with open(stat) as f:
             return next((int(line.split()[1]) - 1 for line in f if line.startswith("procs_running")), 0)
     threads, counts = torch.get_num_threads(), [others_running()]
-    while counts[0] >= max(1, threads / 2) and len(counts) < samples:
+    busy = max(1, threads / 2)                 # this many other runnable threads make the machine busy
+    while counts[0] >= busy and len(counts) < samples:
         time.sleep(0.1)
         counts.append(others_running())
     others = sorted(counts)[len(counts) // 2]
-    if others < max(1, threads / 2):
+    if others < busy:
         return None
     return (f"machine: busy before this run began ({others} other threads running, for torch's {threads}), so "
             "it will be slower; beside another torch process, start both with OMP_WAIT_POLICY=PASSIVE (3x "
@@ -939,7 +940,7 @@ def report(cfg: Config, states: list[TrainState], metrics: list[dict], folders: 
             print(f"note: {m['silent_fraction']:.1%} of the features did not fire in the last {cfg.dead_window} steps; "
                   "most of those will never fire again (the alive column lags). Measure with "
                   "`python benchmarks/density.py` on the folder, or train with a lower --lr"
-                  + ("." if cfg.method in ("topk", "batchtopk") else " or --l1_coeff."))     # topk: no L1 term
+                  + ("." if cfg.method in TOPK_METHODS else " or --l1_coeff."))
     failed = [m for m in metrics if m["failed"]]
     if failed:
         raise UserError(f"This run failed: {'an SAE explains' if len(metrics) > 1 else 'the SAE explains'} less "
