@@ -160,10 +160,27 @@ def normalized_mse(x_hat: torch.Tensor, x: torch.Tensor, norms: torch.Tensor) ->
     return ((x_hat - x) ** 2 / norms[:, None]).mean()
 
 
+def dead_columns(dead_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(idx, pad): the dead features' indices, padded to a width of a power of two (at most d_sae) by
+    repeating the first, and pad [width] marking the copies, whose pre-activations the losses set to -inf.
+
+    Why pad: cut to exactly the dead columns, the ghost and AuxK tensors ([batch, n_dead] and the
+    [n_dead, d_in] rows, with their gradients) change width at every step as features die and revive,
+    and on a CPU glibc's allocator then cannot reuse the freed blocks: its heap fragments and grows.
+    300k tokens of `train.py 2 --ghost_grads=True` grew to 6.6 GB that way, a TopK run of 400k to 8.4.
+    With powers of two there are at most log2(d_sae) widths, and the cost stays in proportion to n_dead.
+    """
+    idx = dead_mask.nonzero()[:, 0]                                           # [n_dead]
+    width = min(len(dead_mask), 1 << max(len(idx) - 1, 0).bit_length())
+    pad = torch.arange(width, device=idx.device) >= len(idx)                # [width]
+    return F.pad(idx, (0, width - len(idx)), value=idx[0].item()), pad
+
+
 def ghost_output(pre_acts: torch.Tensor, W_dec: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
     """What the dead features would write if exp replaced ReLU, at half the residual's norm: [batch, d_in].
 
-    pre_acts [batch, n_dead] and W_dec [n_dead, d_in] are the dead features' own;
+    pre_acts [batch, n_dead] and W_dec [n_dead, d_in] are the dead features' own (a pre-activation
+    of -inf, dead_columns' padding, adds nothing);
     residual [batch, d_in] = x - x_hat, detached (it is the target, not a path).
     exp(h) > 0 for any h and its derivative exp(h) is non-zero, so a feature that
     never fires still learns where raising h would reduce the residual. The 2024
@@ -202,7 +219,8 @@ def auxk_loss(dead_pre_acts: torch.Tensor, W_dec: torch.Tensor, residual: torch.
     """TopK's AuxK loss (Gao et al., "Scaling and evaluating sparse autoencoders", 2024, section 2.4):
     the k_aux dead latents with the largest pre-activations reconstruct the residual x - x_hat
     (detached), and 1/32 of that error joins the loss, with the reconstruction's normaliser.
-    dead_pre_acts [batch, n_dead], W_dec [n_dead, d_in]: the dead features' own."""
+    dead_pre_acts [batch, n_dead], W_dec [n_dead, d_in]: the dead features' own (-inf: padding, never chosen
+    while a dead latent is left, and ReLU'd to 0 if it is)."""
     values, idx = dead_pre_acts.topk(min(k_aux, dead_pre_acts.shape[-1]), dim=-1)
     aux = torch.zeros_like(dead_pre_acts).scatter(-1, idx, F.relu(values)) @ W_dec        # [batch, d_in]
     return normalized_mse(aux, residual.detach(), norms) / 32
@@ -331,15 +349,18 @@ class SAE(nn.Module):
         ghost_loss = torch.zeros((), device=x.device)
         if self.training and dead_mask is not None and dead_mask.any():
             # the dead features' pre-activations, from their own columns of W_enc: the same
-            # numbers as pre_acts[:, dead_mask], without a [batch, d_sae] gradient behind them
-            dead_pre_acts = torch.addmm(self.b_enc[dead_mask], x - self.b_dec, self.W_enc[:, dead_mask])
+            # numbers as pre_acts[:, dead_mask], without a [batch, d_sae] gradient behind them;
+            # padded to a power-of-two width (dead_columns), the copies at -inf: exp and ReLU give them 0
+            idx, pad = dead_columns(dead_mask)
+            dead_pre_acts = torch.addmm(self.b_enc[idx], x - self.b_dec, self.W_enc[:, idx])
+            if self.ghost_exp == "relu_h" and not self.topk:   # the release's bug, kept to compare with
+                dead_pre_acts = F.relu(dead_pre_acts)
+            dead_pre_acts = dead_pre_acts.masked_fill(pad, float("-inf"))       # [batch, width]
             if self.topk:            # TopK's answer to dead latents, in the same slot: AuxK, k_aux = d_in / 2
-                ghost_loss = auxk_loss(dead_pre_acts, self.W_dec[dead_mask], x - x_hat, norms, self.d_in // 2)
+                ghost_loss = auxk_loss(dead_pre_acts, self.W_dec[idx], x - x_hat, norms, self.d_in // 2)
             else:
-                if self.ghost_exp == "relu_h":                 # the release's bug, kept to compare with
-                    dead_pre_acts = F.relu(dead_pre_acts)
                 # the release divided the ghost MSE by the residual's own norm; with centred norms, by those
-                ghost_loss = ghost_grad_loss(dead_pre_acts, self.W_dec[dead_mask], x - x_hat, mse_loss,
+                ghost_loss = ghost_grad_loss(dead_pre_acts, self.W_dec[idx], x - x_hat, mse_loss,
                                              None if self.mse_norm == "uncentred" else norms)
         loss = mse_loss + l1_loss + ghost_loss
         return SAEOutput(x_hat, acts, loss, mse_loss, l1_loss, ghost_loss, fires)

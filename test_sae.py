@@ -287,7 +287,33 @@ def test_ghost_loss_is_given_the_dead_features_pre_activations(monkeypatch):
     correct = sae_module.ghost_grad_loss
     monkeypatch.setattr(sae_module, "ghost_grad_loss", lambda h, *a: seen.append(h) or correct(h, *a))
     sae(x, dead_mask=dead)
-    assert torch.allclose(seen[0], sae.pre_acts(x)[:, dead], atol=1e-6)
+    assert seen[0].shape == (32, 4)                       # 3 dead columns, padded to a power of two
+    assert torch.allclose(seen[0][:, :3], sae.pre_acts(x)[:, dead], atol=1e-6)
+    assert (seen[0][:, 3:] == float("-inf")).all()
+
+
+@pytest.mark.parametrize("n_dead", [1, 3, 5, 9, 16])
+def test_padding_the_dead_columns_changes_neither_the_ghost_loss_nor_its_gradients(n_dead):
+    """dead_columns pads the dead features to a power-of-two width (so the allocator sees few shapes); the
+    copies sit at -inf, so the ghost loss and every gradient equal those computed on exactly the dead columns."""
+    import sae as sae_module
+    sae, x = small_sae(), torch.randn(32, 8)
+    dead = torch.zeros(16, dtype=torch.bool)
+    dead[torch.randperm(16, generator=torch.Generator().manual_seed(n_dead))[:n_dead]] = True
+    idx, pad = sae_module.dead_columns(dead)
+    assert len(idx) == min(16, 1 << (n_dead - 1).bit_length()) and pad.sum() == len(idx) - n_dead
+    assert set(idx[~pad].tolist()) == set(dead.nonzero()[:, 0].tolist())
+    out = sae(x, dead_mask=dead)
+    out.ghost_loss.backward()
+    padded = [p.grad.clone() for p in (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec)]
+    sae.zero_grad()
+    x_hat = out.x_hat.detach()
+    h = sae.pre_acts(x)[:, dead]
+    by_hand = sae_module.ghost_grad_loss(h, sae.W_dec[dead], x - x_hat, out.mse_loss.detach())
+    by_hand.backward()
+    assert out.ghost_loss.item() == pytest.approx(by_hand.item(), rel=1e-5)
+    for got, want in zip(padded, (sae.W_enc.grad, sae.b_enc.grad, sae.W_dec.grad, sae.b_dec.grad)):
+        assert torch.allclose(got, want, atol=1e-6)
 
 
 def test_exp_of_pre_activation_revives_dead_features_but_exp_relu_does_not():
