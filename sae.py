@@ -303,7 +303,8 @@ class SAE(nn.Module):
     def update_threshold(self, acts: torch.Tensor, rate: float = 0.01):
         """BatchTopK: the threshold follows the smallest activation each batch kept, a moving
         average with the rate SAELens uses (the first batch sets it)."""
-        low = acts[acts > 0].min() if (acts > 0).any() else self.threshold[0]
+        kept = acts.values() if acts.is_sparse else acts[acts > 0]        # the sparse step's acts: COO
+        low = kept.min() if len(kept) else self.threshold[0]
         self.threshold.copy_(low if self.threshold.isnan().all() else (1 - rate) * self.threshold + rate * low)
 
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
@@ -331,7 +332,7 @@ class SAE(nn.Module):
         """x [batch, d_in]; dead_mask [d_sae] bool marks the features that get ghost gradients;
         l1_scale multiplies l1_coeff (train.py ramps it up from 0 when l1_warmup is set).
         sparse=True computes the same loss and gradients through the sparse step (sparse_step.py)."""
-        if sparse and not self.topk:                           # sparse_step.py: the same maths, faster
+        if sparse:                                             # sparse_step.py: the same maths, faster
             acts, l1_loss, x_hat, fires = sparse_encode_decode(self, x, l1_scale)
         else:
             pre_acts = self.pre_acts(x)                        # [batch, d_sae]

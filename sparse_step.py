@@ -129,20 +129,24 @@ class SparseDecode(torch.autograd.Function):
 
 
 def sparse_encode_decode(sae, x: torch.Tensor, l1_scale: float = 1.0):
-    """(acts, l1_loss, x_hat, fires) of SAE.forward's dense branch, from the firing pairs only.
+    """(acts, l1_loss, x_hat, fires) of SAE.forward's dense branch, from the firing pairs only
+    (for every method: TopK and BatchTopK choose their pairs, and have no L1 term).
 
     acts is a sparse COO tensor [batch, d_sae] (detached: the gradient flows through the
     pair values inside); l1_loss, x_hat [batch, d_in] and fires [d_sae] are as in the dense branch.
     """
     with torch.no_grad():
         pre_acts = sae.pre_acts(x)                        # the encoder, dense: [batch, d_sae]
-        pairs = active_pairs(pre_acts)
+        # which pairs fire: ReLU's positive pre-activations, or TopK's and BatchTopK's kept ones (their
+        # activation is the pre-activation there and 0 elsewhere, so the pairs carry the same maths)
+        pairs = active_pairs(pre_acts if not sae.topk else sae.activation(pre_acts))
         x_centred = x - sae.b_dec
     values = SparseEncode.apply(x_centred, sae.W_enc, sae.b_enc, sae.b_dec, pre_acts, pairs)   # [nnz] f > 0
     del pre_acts
     weights = sae.l1_weights()
     weighted = values if weights is None else values * weights[pairs.cols]
-    l1_loss = l1_scale * sae.l1_coeff * weighted.sum() / len(x)
+    l1_loss = (torch.zeros((), device=x.device) if sae.topk
+               else l1_scale * sae.l1_coeff * weighted.sum() / len(x))
     x_hat = SparseDecode.apply(values, sae.W_dec, pairs) + sae.b_dec
     acts = torch.sparse_coo_tensor(torch.stack([pairs.rows, pairs.cols]), values.detach(),
                                    (len(x), sae.d_sae), is_coalesced=True, check_invariants=False)

@@ -174,16 +174,18 @@ def test_apr2024_penalty_weights_each_feature_by_its_decoder_norm_and_leaves_nor
     assert torch.allclose(loaded.l1_penalty(loaded.encode(x)), sae.l1_penalty(sae.encode(x)), rtol=1e-5)
 
 
-@pytest.mark.parametrize("method", ["feb2024", "apr2024"])
+@pytest.mark.parametrize("method", ["feb2024", "apr2024", "topk", "batchtopk"])
 @pytest.mark.parametrize("firing", ["few fire, some dead", "most fire"])
 def test_sparse_step_computes_what_the_dense_step_computes(method, firing):
     """The sparse step (gathers over the firing pairs) and the dense step (six matmuls) are the same
-    maths: loss, firing counts and every gradient agree to fp32 rounding, with ghost grads on dead
-    features and with nearly every feature firing; one Adam step of train_step leaves the same weights."""
+    maths: loss, firing counts and every gradient agree to fp32 rounding, with ghost grads (TopK: AuxK)
+    on dead features and with nearly every feature firing; one Adam step of train_step leaves the same
+    weights (BatchTopK: and the same threshold)."""
     torch.manual_seed(0)
+    k = 5 if firing.startswith("few") else 120                           # topk, batchtopk: of 128 features
     cfg = Config(d_in=16, expansion=8, batch_size=256, total_tokens=256 * 10, warmup_steps=1, lr=1e-2,
-                 l1_coeff=1e-2, method=method, precision="float32", dead_window=1)
-    sae = SAE(cfg.d_in, cfg.d_sae, cfg.l1_coeff, method)
+                 l1_coeff=1e-2, method=method, precision="float32", dead_window=1, k=k)
+    sae = SAE(cfg.d_in, cfg.d_sae, cfg.l1_coeff, method, k=k)
     with torch.no_grad():
         sae.b_enc.fill_(-1.0 if firing.startswith("few") else 3.0)
         sae.W_dec.mul_(torch.rand(cfg.d_sae, 1) + 0.5)                  # rows of unequal norm (apr2024)
@@ -209,11 +211,13 @@ def test_sparse_step_computes_what_the_dense_step_computes(method, firing):
     for name, g in dense_grads.items():
         assert g.abs().max() > 0, name
         assert torch.allclose(sparse_grads[name], g, rtol=1e-4, atol=1e-6 * g.abs().max()), name
+    if method in ("topk", "batchtopk"):
+        assert sparse.l1_loss == 0 and (sparse.fires.sum() / len(x) <= k)
 
     weights = []
     for sparse in (False, True):
         torch.manual_seed(1)
-        one = SAE(cfg.d_in, cfg.d_sae, cfg.l1_coeff, method)
+        one = SAE(cfg.d_in, cfg.d_sae, cfg.l1_coeff, method, k=k)
         one.load_state_dict(sae.state_dict())
         state = T.new_state(one, replace(cfg, sparse_step=sparse))
         state.last_density = 0.0                        # let the sparse path run from the first step
