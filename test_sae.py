@@ -2388,7 +2388,7 @@ def test_auxk_reaches_only_dead_latents_and_weighs_one_thirty_second(method):
 
 @pytest.mark.parametrize("method, architecture", [("topk", "topk"), ("batchtopk", "jumprelu")])
 def test_topk_methods_train_from_the_command_line_and_load_in_saelens_as_its_own(method, architecture, offline_tiny,
-                                                                                corpus, tmp_path):
+                                                                                corpus, tmp_path, capsys):
     """`train.py LAYER --method=topk|batchtopk --k=8` trains through the same loop and writes the released
     layout; SAELens's SAE.load_from_disk reads it as its own TopK SAE (BatchTopK: the JumpReLU SAELens
     saves it as, at the learned threshold) and encodes exactly as ours; the final L0 is about k."""
@@ -2396,6 +2396,8 @@ def test_topk_methods_train_from_the_command_line_and_load_in_saelens_as_its_own
     run_dir = T.run(["1", f"--dataset={corpus}", f"--out_dir={tmp_path}", f"--method={method}", "--k=8"] + TINY_RUN)
     cfg = json.load(open(os.path.join(run_dir, "cfg.json")))
     assert cfg["architecture"] == architecture and cfg["k"] == 8
+    printed = capsys.readouterr().out
+    assert "L1 coeff" not in printed and "layer 1, k 8:" in printed     # the table names k, the setting used
     metrics = json.load(open(os.path.join(run_dir, "metrics.json")))
     assert (metrics["l0"] == pytest.approx(8, abs=0.5) if method == "topk" else 2 < metrics["l0"] < 32)
     ours = SAE.load(run_dir).eval()

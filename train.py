@@ -920,15 +920,17 @@ def evaluate_folder(folder: str, model, corpus, n_contexts: int = 64) -> dict:
 
 def report(cfg: Config, states: list[TrainState], metrics: list[dict], folders: list[str]):
     """The final table (one row per SAE), the density histogram(s), and where everything is."""
-    print(f"\n{'layer':>5} {'L1 coeff':>8} {'var. expl.':>10} {'L0':>6} {'% alive':>8} {'% dense':>8} "
+    # the sparsity setting: TopK and BatchTopK choose k, the L1 methods tune a coefficient
+    name, value = ("k", f"{cfg.k}") if cfg.method in TOPK_METHODS else ("L1 coeff", None)
+    print(f"\n{'layer':>5} {name:>8} {'var. expl.':>10} {'L0':>6} {'% alive':>8} {'% dense':>8} "
           f"{'% silent':>8} {'CE clean':>8} {'CE SAE':>7} {'CE rec.':>7} {'KL score':>8}")
     for m in metrics:
-        print(f"{m['layer']:>5} {m['l1_coeff']:>8.2g} {m['explained_variance']:>10.2%} {m['l0']:>6.2f} "
+        print(f"{m['layer']:>5} {value or format(m['l1_coeff'], '.2g'):>8} {m['explained_variance']:>10.2%} {m['l0']:>6.2f} "
               f"{m['alive_fraction']:>8.1%} {m['dense_fraction']:>8.1%} {m['silent_fraction']:>8.1%} "
               f"{m['ce_clean']:>8.3f} {m['ce_sae']:>7.3f} {m['ce_recovered']:>7.3f} {m['kl_score']:>8.3f}")
     for state, m, folder in zip(states, metrics, folders):
         density, n_tokens = state.density()
-        print(f"\nlayer {m['layer']}, L1 coeff {m['l1_coeff']:g}: EV, L0, CE and KL on {m['eval_tokens']:,} held-out tokens; alive "
+        print(f"\nlayer {m['layer']}, {name} {value or format(m['l1_coeff'], 'g')}: EV, L0, CE and KL on {m['eval_tokens']:,} held-out tokens; alive "
               f"and dense over the last {n_tokens:,} training tokens, silent over the last {cfg.dead_window} steps; "
               f"CE increase {m['ce_increase']:.3f} nats; "
               f"shrinkage |x_hat|/|x| {m['l2_ratio']:.3f}, bias {m['relative_reconstruction_bias']:.3f}; "
