@@ -105,6 +105,9 @@ class FreeRowsTopK(SAE):
     def decode(self, acts):
         return super().decode(acts / self.W_dec.norm(dim=-1))
 
+    def forward(self, x, *args, sparse=False, **kw):      # the dense step: the sparse one knows neither override
+        return super().forward(x, *args, sparse=False, **kw)
+
 
 def fit_saelens(sl, acts, batch, lr, warmup, dead_feature_window: int, extra: dict):
     """SAELens's own SAETrainer on our batches, in our order, b_dec started at the same geometric median."""
