@@ -296,8 +296,8 @@ def test_ghost_loss_is_given_the_dead_features_pre_activations(monkeypatch):
     assert (seen[0][:, 3:] == float("-inf")).all()
 
 
-@pytest.mark.parametrize("n_dead", [1, 3, 5, 9, 16])
-def test_padding_the_dead_columns_changes_neither_the_ghost_loss_nor_its_gradients(n_dead):
+@pytest.mark.parametrize("n_dead, width", [(1, 1), (3, 4), (5, 8), (9, 16), (16, 16)])
+def test_padding_the_dead_columns_changes_neither_the_ghost_loss_nor_its_gradients(n_dead, width):
     """dead_columns pads the dead features to a power-of-two width (so the allocator sees few shapes); the
     copies sit at -inf, so the ghost loss and every gradient equal those computed on exactly the dead columns."""
     import sae as sae_module
@@ -305,7 +305,7 @@ def test_padding_the_dead_columns_changes_neither_the_ghost_loss_nor_its_gradien
     dead = torch.zeros(16, dtype=torch.bool)
     dead[torch.randperm(16, generator=torch.Generator().manual_seed(n_dead))[:n_dead]] = True
     idx, pad = sae_module.dead_columns(dead)
-    assert len(idx) == min(16, 1 << (n_dead - 1).bit_length()) and pad.sum() == len(idx) - n_dead
+    assert len(idx) == len(pad) == width and pad.sum() == width - n_dead
     assert set(idx[~pad].tolist()) == set(dead.nonzero()[:, 0].tolist())
     out = sae(x, dead_mask=dead)
     out.ghost_loss.backward()

@@ -920,17 +920,17 @@ def evaluate_folder(folder: str, model, corpus, n_contexts: int = 64) -> dict:
 
 def report(cfg: Config, states: list[TrainState], metrics: list[dict], folders: list[str]):
     """The final table (one row per SAE), the density histogram(s), and where everything is."""
-    # the sparsity setting: TopK and BatchTopK choose k, the L1 methods tune a coefficient
-    name, value = ("k", f"{cfg.k}") if cfg.method in TOPK_METHODS else ("L1 coeff", None)
+    topk = cfg.method in TOPK_METHODS        # the sparsity setting: TopK chooses k, the L1 methods a coefficient
+    name = "k" if topk else "L1 coeff"
     print(f"\n{'layer':>5} {name:>8} {'var. expl.':>10} {'L0':>6} {'% alive':>8} {'% dense':>8} "
           f"{'% silent':>8} {'CE clean':>8} {'CE SAE':>7} {'CE rec.':>7} {'KL score':>8}")
     for m in metrics:
-        print(f"{m['layer']:>5} {value or format(m['l1_coeff'], '.2g'):>8} {m['explained_variance']:>10.2%} {m['l0']:>6.2f} "
+        print(f"{m['layer']:>5} {str(cfg.k) if topk else format(m['l1_coeff'], '.2g'):>8} {m['explained_variance']:>10.2%} {m['l0']:>6.2f} "
               f"{m['alive_fraction']:>8.1%} {m['dense_fraction']:>8.1%} {m['silent_fraction']:>8.1%} "
               f"{m['ce_clean']:>8.3f} {m['ce_sae']:>7.3f} {m['ce_recovered']:>7.3f} {m['kl_score']:>8.3f}")
     for state, m, folder in zip(states, metrics, folders):
         density, n_tokens = state.density()
-        print(f"\nlayer {m['layer']}, {name} {value or format(m['l1_coeff'], 'g')}: EV, L0, CE and KL on {m['eval_tokens']:,} held-out tokens; alive "
+        print(f"\nlayer {m['layer']}, {name} {cfg.k if topk else format(m['l1_coeff'], 'g')}: EV, L0, CE and KL on {m['eval_tokens']:,} held-out tokens; alive "
               f"and dense over the last {n_tokens:,} training tokens, silent over the last {cfg.dead_window} steps; "
               f"CE increase {m['ce_increase']:.3f} nats; "
               f"shrinkage |x_hat|/|x| {m['l2_ratio']:.3f}, bias {m['relative_reconstruction_bias']:.3f}; "
@@ -942,7 +942,7 @@ def report(cfg: Config, states: list[TrainState], metrics: list[dict], folders: 
             print(f"note: {m['silent_fraction']:.1%} of the features did not fire in the last {cfg.dead_window} steps; "
                   "most of those will never fire again (the alive column lags). Measure with "
                   "`python benchmarks/density.py` on the folder, or train with a lower --lr"
-                  + ("." if cfg.method in TOPK_METHODS else " or --l1_coeff."))
+                  + ("." if topk else " or --l1_coeff."))
     failed = [m for m in metrics if m["failed"]]
     if failed:
         raise UserError(f"This run failed: {'an SAE explains' if len(metrics) > 1 else 'the SAE explains'} less "
