@@ -1121,6 +1121,21 @@ def test_the_cpu_preset_gives_topk_methods_their_own_lr_and_a_typed_lr_wins(monk
         assert T.make_config({"layer": 2, "method": method})[0].lr == T.CPU_PRESET["lr"]
 
 
+def test_the_banner_sizes_the_preset_by_the_hardware_and_warns_of_emulated_bf16(monkeypatch):
+    """The preset's banner line gives the time measured for this kind of CPU (native bf16 or fp32), and
+    asking for bf16 where the hardware would emulate it (over 100x slower matmuls) gets a line saying so;
+    auto never picks it there."""
+    monkeypatch.setattr(T, "device", "cpu")
+    for native, expected in ((True, "~7 minutes"), (False, "~15 minutes")):
+        monkeypatch.setattr(T, "native_bf16", lambda: native)
+        cfg, lines = T.make_config({"layer": 2})
+        assert expected in lines[0] and not any(line.startswith("precision:") for line in lines)
+        emulated = [line for line in T.make_config({"layer": 2, "precision": "bfloat16"})[1]
+                    if line.startswith("precision:")]
+        assert len(emulated) == (0 if native else 1)
+        assert native or "emulated" in emulated[0] and "--precision=auto" in emulated[0]
+
+
 def test_a_corpus_too_small_for_held_out_data_and_one_buffer_is_refused(offline_tiny, tmp_path, monkeypatch):
     """A corpus that cannot give held-out contexts disjoint from one buffer of training data is refused
     in one sentence: a one-line file before the model loads, a slightly larger one at the first fill."""
@@ -2384,6 +2399,15 @@ def test_auxk_reaches_only_dead_latents_and_weighs_one_thirty_second(method):
     out.ghost_loss.backward()
     assert not sae.W_enc.grad[:, ~dead].any() and not sae.W_dec.grad[~dead].any()
     assert sae.W_enc.grad[:, dead].abs().sum() > 0
+
+
+def test_the_periodic_line_of_several_saes_names_each_ones_sparsity_setting():
+    """With several SAEs in one run each evaluation line says which SAE it is: its layer and its
+    sparsity setting, the L1 coefficient for the L1 methods and k for TopK (which has no L1 term)."""
+    m = {"layer": 3, "l1_coeff": 8e-5, "explained_variance": 0.9, "l0": 30.0, "l1": 70.0, "ce_sae": math.nan}
+    assert T.format_metrics(5, {**m, "k": None}, which=True).startswith("layer 3 L1 coeff 8e-05 | step")
+    assert T.format_metrics(5, {**m, "k": 32}, which=True).startswith("layer 3 k 32 | step")
+    assert "L1 coeff" not in T.format_metrics(5, {**m, "k": 32}, which=True)
 
 
 @pytest.mark.parametrize("method, architecture", [("topk", "topk"), ("batchtopk", "jumprelu")])

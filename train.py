@@ -40,8 +40,9 @@ device = "cuda" if torch.cuda.is_available() else "cpu"
 # settings, in layers: the post's recipe (Config's defaults) -> a preset that sizes the run -> your flags
 
 # The post's recipe is a GPU job: 300M tokens at 24,576 features would take days on a laptop CPU.
-# Without a GPU the preset below sizes the run to ~7 minutes on 2 cores (SmolLM2; GPT-2 small ~11,
-# benchmarks/README.md); any flag you pass wins.
+# Without a GPU the preset below sizes the run to ~7 minutes on 2 cores that compute bf16 (AVX-512
+# BF16 or AMX: SmolLM2; GPT-2 small ~11), ~15 minutes on cores without it (fp32: most laptops before
+# 2023; benchmarks/README.md); any flag you pass wins.
 CPU_PRESET = dict(
     total_tokens=2_500_000,
     expansion=16,               # d_sae = 9,216 for SmolLM2 (d_in 576), 12,288 for GPT-2 (768)
@@ -172,11 +173,16 @@ def make_config(flags: dict) -> tuple[Config, list[str]]:
         if flags.get("method") in TOPK_METHODS:
             cfg.lr = TOPK_LR
         unset = [n for n in CPU_PRESET if n not in flags]
-        lines.append("preset: no GPU, so a CPU preset sized for ~7 minutes on 2 cores (~11 for GPT-2) ("
+        size = ("~7 minutes on 2 cores (~11 for GPT-2)" if native_bf16() else
+                "~15 minutes on 2 cores (this CPU has no native bf16, so the run is fp32)")
+        lines.append(f"preset: no GPU, so a CPU preset sized for {size} ("
                      + ", ".join(f"--{n}={getattr(cfg, n)}" for n in unset) + "); the post's full "
                      "recipe (300M tokens, days on a CPU): --preset=post")
     for name, value in flags.items():
         setattr(cfg, name, value[0] if isinstance(value, list) else value)
+    if cfg.precision == "bfloat16" and not native_bf16():
+        lines.append(f"precision: this {'GPU' if device == 'cuda' else 'CPU'} has no native bf16, so --precision=bfloat16 is emulated "
+                     "(on a CPU without it, a bf16 matmul ran over 100x slower than fp32); --precision=auto picks fp32 here")
     if cfg.total_tokens < cfg.batch_size:
         raise UserError(f"--total_tokens={cfg.total_tokens} is less than one batch of {cfg.batch_size}: "
                         "raise it or lower --batch_size.")
@@ -492,7 +498,10 @@ def silent_fraction(state: TrainState, cfg: Config) -> float:
 
 
 def format_metrics(step: int, m: dict, which: bool = False) -> str:
-    line = f"layer {m['layer']} L1 coeff {m['l1_coeff']:g} | " if which else ""
+    line = ""
+    if which:                                                  # which SAE: its layer and sparsity setting
+        setting = f"k {m['k']}" if m.get("k") is not None else f"L1 coeff {m['l1_coeff']:g}"   # TopK: no L1
+        line = f"layer {m['layer']} {setting} | "
     line += f"step {step:>6} | EV {m['explained_variance']:.3f} | L0 {m['l0']:.1f} | L1 {m['l1']:.1f}"
     if not math.isnan(m["ce_sae"]):                         # nan: this evaluation skipped the model (--eval_ce)
         line += f" | CE {m['ce_sae']:.3f} (clean {m['ce_clean']:.3f}) | CE rec {m['ce_recovered']:.3f}"
@@ -829,7 +838,8 @@ def measure(run: Run, with_kl: bool, with_ce: bool = True) -> list[dict]:
         metrics = evaluate(sae, run.model, run.held_out[layer], layer, with_kl=with_kl, with_ce=with_ce)
         sae.train()
         density, n_tokens = state.density()
-        results.append({**metrics, "layer": layer, "l1_coeff": sae.l1_coeff, "density_tokens": n_tokens,
+        results.append({**metrics, "layer": layer, "l1_coeff": sae.l1_coeff, "k": sae.k if sae.topk else None,
+                        "density_tokens": n_tokens,
                         **firing_shares(density), "silent_fraction": silent_fraction(state, run.cfg)})
     return results
 

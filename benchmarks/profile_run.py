@@ -1,7 +1,7 @@
 """
 Where the wall clock of `python train.py 2` goes, part by part, on this machine.
 
-    python benchmarks/profile_run.py                    # the CPU preset on SmolLM2 (~7 minutes)
+    python benchmarks/profile_run.py                    # the CPU preset on SmolLM2 (~7 min; ~15 in fp32)
     python benchmarks/profile_run.py --gpt2_shaped      # the same command as GPT-2 small would run it
     python benchmarks/profile_run.py -- --total_tokens=500000   # flags after -- go to train.py
 
