@@ -41,8 +41,8 @@ device = "cuda" if torch.cuda.is_available() else "cpu"
 
 # The post's recipe is a GPU job: 300M tokens at 24,576 features would take days on a laptop CPU.
 # Without a GPU the preset below sizes the run to ~7 minutes on 2 cores that compute bf16 (AVX-512
-# BF16 or AMX: SmolLM2; GPT-2 small ~11), ~15 minutes on cores without it (fp32: most laptops before
-# 2023; benchmarks/README.md); any flag you pass wins.
+# BF16 or AMX: SmolLM2; GPT-2 small ~11), ~15 minutes on cores without it (fp32: AVX2-only CPUs, as
+# most laptops have; benchmarks/README.md); any flag you pass wins.
 CPU_PRESET = dict(
     total_tokens=2_500_000,
     expansion=16,               # d_sae = 9,216 for SmolLM2 (d_in 576), 12,288 for GPT-2 (768)
@@ -181,8 +181,9 @@ def make_config(flags: dict) -> tuple[Config, list[str]]:
     for name, value in flags.items():
         setattr(cfg, name, value[0] if isinstance(value, list) else value)
     if cfg.precision == "bfloat16" and not native_bf16():
-        lines.append(f"precision: this {'GPU' if device == 'cuda' else 'CPU'} has no native bf16, so --precision=bfloat16 is emulated "
-                     "(on a CPU without it, a bf16 matmul ran over 100x slower than fp32); --precision=auto picks fp32 here")
+        lines.append(f"precision: this {'GPU' if device == 'cuda' else 'CPU'} has no native bf16, so "
+                     "--precision=bfloat16 is emulated (on a CPU without it, a bf16 matmul ran over 100x slower "
+                     "than fp32); --precision=auto picks fp32 here")
     if cfg.total_tokens < cfg.batch_size:
         raise UserError(f"--total_tokens={cfg.total_tokens} is less than one batch of {cfg.batch_size}: "
                         "raise it or lower --batch_size.")
