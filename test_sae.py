@@ -533,7 +533,7 @@ def test_ce_scores_only_non_special_targets(tiny_model, tokenizer):
     by_hand = per_token[keep[:, 1:]].mean().item()
     everything = per_token.mean().item()
     resid = tiny_model(tokens, stop_at_layer=1)
-    assert abs(model_losses(tiny_model, resid, tokens, 1, keep)[0] - by_hand) < 1e-4
+    assert abs(model_losses(tiny_model, [resid], tokens, 1, keep)[0][0] - by_hand) < 1e-4
     assert abs(by_hand - everything) > 1e-3                          # the exclusion matters here
 
 
@@ -551,6 +551,30 @@ def test_explained_variance_is_centred(tiny_model, tokenizer):
     assert abs(m["explained_variance"]) < 1e-4 and m["l0"] == 0
     uncentred = 1 - ((x - x.mean(0)) ** 2).sum() / (x ** 2).sum()
     assert uncentred > 0.05
+
+
+def test_a_baseline_left_to_the_first_evaluation_gives_the_same_numbers_in_one_pass_less(tiny_model, tokenizer):
+    """make_held_out(with_ce=False) runs no scoring pass; the first evaluate() with KL then computes the
+    clean and zero-ablated baseline itself, sharing its clean pass: the same metrics as with the baseline
+    computed up front, from 3 passes of the model over the held-out contexts instead of 4."""
+    tokens = torch.cat(list(token_contexts(make_documents(80), tokenizer, 32, 4))[:2])
+    special = special_token_ids(tokenizer)
+    sae = small_sae(d_in=32, d_sae=64, seed=3)
+    calls = []
+
+    def counted(*args, **kwargs):
+        if "start_at_layer" in kwargs:                 # a scoring pass (the activations' pass stops early)
+            calls.append(len(args[0]))
+        return tiny_model(*args, **kwargs)
+    counted.parameters = tiny_model.parameters
+    up_front = evaluate(sae, counted, make_held_out(counted, tokens, 1, special), 1)
+    passes_up_front, calls[:] = sum(calls), []
+    late_held_out = make_held_out(counted, tokens, 1, special, with_ce=False)
+    assert not calls and math.isnan(late_held_out.ce_clean)
+    late = evaluate(sae, counted, late_held_out, 1)
+    assert passes_up_front == 4 * len(tokens) and sum(calls) == 3 * len(tokens)
+    for key, value in up_front.items():
+        assert late[key] == pytest.approx(value, rel=1e-6, abs=1e-7), key
 
 
 def test_an_evaluation_without_ce_gives_the_same_reconstruction_metrics_and_runs_no_model(tiny_model, tokenizer):

@@ -763,7 +763,8 @@ def build_buffer(run: Run):
     run.read["held_out_rows"] = run.read.get("rows", 0)
     if run.read.get("skipped"):
         print(f"!! data: {run.read['skipped']} empty or unusable rows skipped in the first {run.read['rows']:,}.")
-    run.held_out = {layer: make_held_out(model, tokens, layer, special_ids) for layer in run.layers}
+    # CE only at the end (the CPU preset): its baseline is computed then, sharing the final evaluation's clean pass
+    run.held_out = {layer: make_held_out(model, tokens, layer, special_ids, with_ce=cfg.eval_ce) for layer in run.layers}
     contexts = training_contexts(run.corpus, run.read["held_out_rows"], model.tokenizer, cfg, run.read)
     if run.ckpt is not None:     # skip, without running the model, the contexts the run already used
         for _ in range(run.ckpt["buffer"]["chunks_read"]):
