@@ -1436,17 +1436,18 @@ def smollm2_layer2():
     return model, eval_set, acts[torch.randperm(len(acts), generator=torch.Generator().manual_seed(0))]
 
 
-REAL_TOKENS = 300_000
-REAL_CFG = dict(mse_norm="centred", d_in=576, expansion=4, batch_size=512, total_tokens=REAL_TOKENS, lr=1e-3, l1_coeff=1e-4,
+REAL_TOKENS = 200_000
+REAL_CFG = dict(mse_norm="centred", d_in=576, expansion=4, batch_size=512, total_tokens=REAL_TOKENS, lr=2e-3, l1_coeff=1e-4,
                 warmup_steps=30, dead_window=60, eval_every=10**9, density_tokens=100_000)
 KILLED = 0.25       # share of features that start dead, to check that ghost grads revive them
-# Measured on this run (CPU, torch 2.13): correct EV 0.821, CE rec. 0.965, L0 91.3, dead 0.04%;
-# untrained EV -0.77, L0 867; exp(relu(h)) and no ghost grads: 25% dead, L0 123;
-# no decoder normalisation: L0 103.7 (it buys EV 0.840 by shrinking f and growing W_dec: L1 99 < 122).
+# Measured on this run (CPU, torch 2.13): correct EV 0.813, CE rec. 0.956, L0 84.1, no feature dead;
+# untrained EV -0.77, L0 867; exp(relu(h)) and no ghost grads: 25% dead (the killed quarter), L0 114;
+# no decoder normalisation: L0 96.3 (it buys EV 0.825 by shrinking f and growing W_dec: L1 101 < 119).
+# (300k tokens at lr 1e-3 separated the same way, in ~1.4x the time: EV 0.821, L0 91.3 against 103.7.)
 # --method=apr2024 at lr 1e-3 with the same start: EV 0.842, L0 80.4, but 18.3 % of the killed features stay
 # dead (it revives fewer than the February method); with its L1 unweighted by the decoder norms: L0 91.5.
 # Neither separates cleanly at this size, so the April method is checked by the unit tests only.
-THRESHOLDS = dict(min_explained_variance=0.78, min_ce_recovered=0.95, max_l0=100, max_dead=0.05)
+THRESHOLDS = dict(min_explained_variance=0.78, min_ce_recovered=0.94, max_l0=90, max_dead=0.05)
 
 
 def train_real(acts, variant: str, monkeypatch) -> tuple[SAE, T.TrainState]:
@@ -1501,7 +1502,7 @@ def test_real_model_sae_meets_quality_thresholds_and_broken_variants_do_not(vari
     model, eval_set, acts = smollm2_layer2
     sae, state = train_real(acts, variant, monkeypatch)
     m = quality(sae, state, model, eval_set)
-    print(variant, {k: round(v, 4) for k, v in m.items()})
+    print(variant, {k: round(v, 4) for k, v in m.items() if k in ("explained_variance", "l0", "l1", "ce_recovered", "dead")})
     failed = failed_thresholds(m)
     if BREAKS[variant] is None:
         assert not failed, f"the correct method fails {failed}: {m}"
