@@ -689,7 +689,8 @@ def evaluate(sae: SAE, model, held_out: HeldOut, layer: int, with_kl: bool = Tru
         E||x_hat||^2 / E[x . x_hat] (Gated SAE paper, eq. 10): 1 = unbiased, < 1 = L1 shrinks the output.
     with_kl=False skips the KL score, whose clean pass doubles the cost of the CE evaluation;
     with_ce=False skips the model altogether (the CE and KL entries are then nan): on a CPU the
-    model's pass over the held-out contexts is nearly all of an evaluation's time.
+    model's pass over the held-out contexts is nearly all of an evaluation's time. A held-out set
+    made with_ce=False gets its clean and zero-ablated baseline here, in the same loop (make_held_out).
     """
     x = held_out.resid[held_out.keep]                                      # [n, d_in]
     x_hat, l0, l1 = [], 0.0, 0.0

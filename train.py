@@ -40,8 +40,8 @@ device = "cuda" if torch.cuda.is_available() else "cpu"
 # settings, in layers: the post's recipe (Config's defaults) -> a preset that sizes the run -> your flags
 
 # The post's recipe is a GPU job: 300M tokens at 24,576 features would take days on a laptop CPU.
-# Without a GPU the preset below sizes the run to ~7 minutes on 2 cores that compute bf16 (AVX-512
-# BF16 or AMX: SmolLM2; GPT-2 small ~11), ~15 minutes on cores without it (fp32: AVX2-only CPUs, as
+# Without a GPU the preset below sizes the run to 4-8 minutes on 2 cores that compute bf16 (AMX or
+# AVX-512 BF16: SmolLM2; GPT-2 small 7-11), ~15 minutes on cores without it (fp32: AVX2-only CPUs, as
 # most laptops have; benchmarks/README.md); any flag you pass wins.
 CPU_PRESET = dict(
     total_tokens=2_500_000,
@@ -173,7 +173,7 @@ def make_config(flags: dict) -> tuple[Config, list[str]]:
         if flags.get("method") in TOPK_METHODS:
             cfg.lr = TOPK_LR
         unset = [n for n in CPU_PRESET if n not in flags]
-        size = ("~7 minutes on 2 cores (~11 for GPT-2)" if native_bf16() else
+        size = ("4-8 minutes on 2 cores (7-11 for GPT-2)" if native_bf16() else
                 "~15 minutes on 2 cores (this CPU has no native bf16, so the run is fp32)")
         lines.append(f"preset: no GPU, so a CPU preset sized for {size} ("
                      + ", ".join(f"--{n}={getattr(cfg, n)}" for n in unset) + "); the post's full "
