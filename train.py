@@ -498,11 +498,16 @@ def silent_fraction(state: TrainState, cfg: Config) -> float:
     return (state.steps_since_fired >= cfg.dead_window).float().mean().item()
 
 
+def sparsity_setting(m: dict) -> tuple[str, str]:
+    """(name, value) of the setting that sets an SAE's sparsity, from its metrics (measure()):
+    TopK and BatchTopK choose k (no L1 term), the L1 methods a coefficient."""
+    return ("k", str(m["k"])) if m.get("k") is not None else ("L1 coeff", f"{m['l1_coeff']:g}")
+
+
 def format_metrics(step: int, m: dict, which: bool = False) -> str:
     line = ""
     if which:                                                  # which SAE: its layer and sparsity setting
-        setting = f"k {m['k']}" if m.get("k") is not None else f"L1 coeff {m['l1_coeff']:g}"   # TopK: no L1
-        line = f"layer {m['layer']} {setting} | "
+        line = f"layer {m['layer']} {' '.join(sparsity_setting(m))} | "
     line += f"step {step:>6} | EV {m['explained_variance']:.3f} | L0 {m['l0']:.1f} | L1 {m['l1']:.1f}"
     if not math.isnan(m["ce_sae"]):                         # nan: this evaluation skipped the model (--eval_ce)
         line += f" | CE {m['ce_sae']:.3f} (clean {m['ce_clean']:.3f}) | CE rec {m['ce_recovered']:.3f}"
@@ -932,17 +937,16 @@ def evaluate_folder(folder: str, model, corpus, n_contexts: int = 64) -> dict:
 
 def report(cfg: Config, states: list[TrainState], metrics: list[dict], folders: list[str]):
     """The final table (one row per SAE), the density histogram(s), and where everything is."""
-    topk = cfg.method in TOPK_METHODS        # the sparsity setting: TopK chooses k, the L1 methods a coefficient
-    name = "k" if topk else "L1 coeff"
+    name = sparsity_setting(metrics[0])[0]
     print(f"\n{'layer':>5} {name:>8} {'var. expl.':>10} {'L0':>6} {'% alive':>8} {'% dense':>8} "
           f"{'% silent':>8} {'CE clean':>8} {'CE SAE':>7} {'CE rec.':>7} {'KL score':>8}")
     for m in metrics:
-        print(f"{m['layer']:>5} {str(cfg.k) if topk else format(m['l1_coeff'], '.2g'):>8} {m['explained_variance']:>10.2%} {m['l0']:>6.2f} "
+        print(f"{m['layer']:>5} {sparsity_setting(m)[1]:>8} {m['explained_variance']:>10.2%} {m['l0']:>6.2f} "
               f"{m['alive_fraction']:>8.1%} {m['dense_fraction']:>8.1%} {m['silent_fraction']:>8.1%} "
               f"{m['ce_clean']:>8.3f} {m['ce_sae']:>7.3f} {m['ce_recovered']:>7.3f} {m['kl_score']:>8.3f}")
     for state, m, folder in zip(states, metrics, folders):
         density, n_tokens = state.density()
-        print(f"\nlayer {m['layer']}, {name} {cfg.k if topk else format(m['l1_coeff'], 'g')}: EV, L0, CE and KL on {m['eval_tokens']:,} held-out tokens; alive "
+        print(f"\nlayer {m['layer']}, {' '.join(sparsity_setting(m))}: EV, L0, CE and KL on {m['eval_tokens']:,} held-out tokens; alive "
               f"and dense over the last {n_tokens:,} training tokens, silent over the last {cfg.dead_window} steps; "
               f"CE increase {m['ce_increase']:.3f} nats; "
               f"shrinkage |x_hat|/|x| {m['l2_ratio']:.3f}, bias {m['relative_reconstruction_bias']:.3f}; "
@@ -954,7 +958,7 @@ def report(cfg: Config, states: list[TrainState], metrics: list[dict], folders: 
             print(f"note: {m['silent_fraction']:.1%} of the features did not fire in the last {cfg.dead_window} steps; "
                   "most of those will never fire again (the alive column lags). Measure with "
                   "`python benchmarks/density.py` on the folder, or train with a lower --lr"
-                  + ("." if topk else " or --l1_coeff."))
+                  + ("." if name == "k" else " or --l1_coeff."))
     failed = [m for m in metrics if m["failed"]]
     if failed:
         raise UserError(f"This run failed: {'an SAE explains' if len(metrics) > 1 else 'the SAE explains'} less "
