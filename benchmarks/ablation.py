@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.join(HERE, ".."))
 sys.path.insert(0, HERE)
 import sources as S                                              # noqa: E402
 from density import fresh_density                                # noqa: E402
-from sae import SAE, HeldOut, evaluate, is_special, make_held_out, special_token_ids, token_contexts   # noqa: E402
+from sae import SAE, evaluate, make_held_out, special_token_ids, token_contexts   # noqa: E402
 
 LAYERS = "2,3,5"
 LONG_WINDOW = "--dead_window=977"          # 1M tokens: long enough to tell rare features from dead ones
@@ -69,8 +69,8 @@ def group_stats(sae, model, tokens, layer, special, group: int = 8) -> list[dict
     """Sums over each group of `group` contexts, from which any resample's metrics follow exactly."""
     rows = []
     for part, (ce_clean, ce_zero) in zip(tokens.split(group), base_losses(model, tokens, layer, special, group)):
-        held = HeldOut(part, model(part, stop_at_layer=layer).float(), ~is_special(part, special),
-                       ce_clean, ce_zero, float("nan"))           # as make_held_out, its two passes cached
+        # the activations as make_held_out takes them; its two baseline passes come from the cache
+        held = make_held_out(model, part, layer, special, with_ce=False)._replace(ce_clean=ce_clean, ce_zero=ce_zero)
         m = evaluate(sae, model, held, layer, with_kl=False)
         x = held.resid[held.keep]
         # the group's squared error, from its EV (evaluate centres on the group's own mean)
