@@ -51,8 +51,9 @@ CPU_PRESET = dict(
     lr_decay=0.2,               # ... and from letting it fall to 0 over the last 20 % (benchmarks/README.md)
     l1_coeff=1e-4,              # L0 ~30 at this width and budget, with ...
     mse_norm="centred",         # ... the centred MSE normaliser, with which this preset was measured
-    ghost_grads=False,          # a short run cannot tell rare features from dead ones: ghost grads
-                                # pushed rare ones down for good (at lr 8e-3, layer 2: 27 % dead with, 0 % without)
+    ghost_grads=False,          # with the post's share of this run as dead window (167 steps) ghost grads take
+                                # rare features for dead and kill them (14 / 23 / 36 % of layers 2 / 3 / 5); with a
+                                # 1M-token window they hardly act (benchmarks/README.md, the ablation)
     buffer_contexts=1024,       # ~130k activations: fills in seconds
     eval_contexts=32,
     eval_ce=False,              # CE (a pass of the whole model) at the end only: it was ~7 % of the run
