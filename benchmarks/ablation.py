@@ -13,9 +13,9 @@ flags added), then measures each layer's SAE on data no training step saw:
   resamples; contexts of one document are correlated, so groups, not single contexts);
 - dead, dense and the histogram's mode with the final weights on the 1M tokens after the
   training rows (density.py).
-Each row goes to ablation_results.jsonl beside this file. A setting costs ~12 minutes of
-training and ~9 of measuring on 2 cores with native bf16 (~5 once a seed's clean passes are
-kept; about twice both in fp32); asserts nothing.
+Each row goes to ablation_results.jsonl beside this file. On 2 cores with AMX a setting
+costs 13-16 minutes of training and ~10 of measuring (a seed's clean and zero-ablated passes
+are kept after its first setting); on 2 cores without AMX ~25 and ~23; asserts nothing.
 """
 
 import argparse
@@ -156,17 +156,21 @@ def table():
 
 
 def compare():
-    """One line per setting: each layer's change from the preset with the same seed, and its dead share."""
+    """One line per setting and seed: each layer's change from the preset with that seed (its latest
+    row), the layer's L0 and its dead share."""
     rows = [json.loads(line) for line in open(RESULTS)]
     base = {(r["seed"], r["layer"]): r for r in rows if r["setting"] == "preset"}
-    settings = dict.fromkeys(r["setting"] for r in rows if r["setting"] != "preset")
-    print("| setting (seed 0) | EV change, layers 2 / 3 / 5 | CE rec. change | L0 | dead (final weights) |")
-    print("|---|---|---|---|---|")
-    for name in settings:
-        mine = sorted((r for r in rows if r["setting"] == name), key=lambda r: r["layer"])
-        diff = lambda k: " / ".join(f"{r[k] - base[r['seed'], r['layer']][k]:+.4f}" for r in mine)
+    runs = dict.fromkeys((r["setting"], r["seed"]) for r in rows if r["setting"] != "preset")
+    print("| setting | seed | EV change, layers in order | CE rec. change | L0 | dead (final weights) |")
+    print("|---|---|---|---|---|---|")
+    for name, seed in runs:
+        mine = sorted((r for r in rows if (r["setting"], r["seed"]) == (name, seed)), key=lambda r: r["layer"])
+        if any((seed, r["layer"]) not in base for r in mine):
+            print(f"| {name} | {seed} | no preset row for this seed and layer: run `ablation.py run preset --seed={seed}` |")
+            continue
+        diff = lambda k: " / ".join(f"{r[k] - base[seed, r['layer']][k]:+.4f}" for r in mine)
         each = lambda k, spec: " / ".join(format(r[k], spec) for r in mine)
-        print(f"| {name} | {diff('explained_variance')} | {diff('ce_recovered')} | {each('l0', '.1f')} | "
+        print(f"| {name} | {seed} | {diff('explained_variance')} | {diff('ce_recovered')} | {each('l0', '.1f')} | "
               f"{each('final_dead', '.1%')} |")
 
 
