@@ -145,14 +145,21 @@ def run(setting: str, seed: int):
 
 
 def table():
+    """Every measured run, one row per layer, as benchmarks/README.md shows them: a run's setting,
+    flags and seed on its first row only."""
     rows = [json.loads(line) for line in open(RESULTS)]
-    print("| setting | seed | layer | EV | L0 | CE recovered | dead | dense | mode |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| setting | flags | seed | layer | EV | L0 | CE recovered | dead | dense | mode |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    previous = None
     for r in rows:
-        print(f"| {r['setting']} | {r['seed']} | {r['layer']} | {r['explained_variance']:.4f} ± "
-              f"{r['explained_variance_se']:.4f} | {r['l0']:.1f} ± {r['l0_se']:.1f} | {r['ce_recovered']:.4f} ± "
-              f"{r['ce_recovered_se']:.4f} | {r['final_dead']:.1%} | {r['final_dense']:.1%} | "
-              f"10^{r['final_mode']:g}..10^{r['final_mode'] + 0.5:g} |")
+        run = os.path.dirname(r["run"])
+        flags = " ".join(f"`{f}`" for f in SETTINGS.get(r["setting"], [])) or "(none)"
+        head = f"{r['setting']} | {flags} | {r['seed']}" if run != previous else "| |"
+        previous = run
+        mode = "dead" if r["final_mode"] == -10 else f"10^{r['final_mode']:g}..10^{r['final_mode'] + 0.5:g}"
+        print(f"| {head} | {r['layer']} | {r['explained_variance']:.4f} ± {r['explained_variance_se']:.4f} | "
+              f"{r['l0']:.1f} ± {r['l0_se']:.1f} | {r['ce_recovered']:.4f} ± {r['ce_recovered_se']:.4f} | "
+              f"{r['final_dead']:.1%} | {r['final_dense']:.1%} | {mode} |".replace("%", " %"))
 
 
 def compare():
