@@ -8,7 +8,7 @@ Sparsity-fidelity frontier: our train() against SAELens's standard (ReLU + L1) S
     python benchmarks/frontier.py synthetic
     python benchmarks/frontier.py report          # table + plot from the results file
 
-Real task: SmolLM2-135M layer 2 residual activations of Python stdlib text, computed once and
+Real task: SmolLM2-135M residual activations (layer 2 unless --layer) of Python stdlib text, computed once and
 cached, shuffled once; every trainer gets the same batches in the same order, b_dec starts at the
 same geometric median, and every SAE is scored by the same code (sae.evaluate) on held-out
 contexts. Synthetic task: known feature directions in superposition; the share of true features
@@ -37,8 +37,9 @@ from sae import SAE, Config, activation_chunks, evaluate, geometric_median, make
 RESULTS = os.path.join(HERE, "frontier_results.jsonl")
 
 
-def real_data(tokens: int, cache: str):
-    """(model, held-out set, [tokens, 576] shuffled training activations), the activations cached on disk."""
+def real_data(tokens: int, cache: str, layer: int = 2):
+    """(model, held-out set, [tokens, 576] shuffled training activations of `layer`), the activations
+    cached on disk."""
     model = S.load_smollm2("cpu")
     special = special_token_ids(model.tokenizer)
     corpus = S.open_corpus("python-stdlib")
@@ -46,13 +47,13 @@ def real_data(tokens: int, cache: str):
     read = {}
     held_tokens = T.held_out_contexts(corpus, model.tokenizer, cfg, read)
     skip = read["rows"]
-    held_out = make_held_out(model, held_tokens, 2, special)
-    path = os.path.join(cache, f"smollm2_L2_{tokens}.pt")
+    held_out = make_held_out(model, held_tokens, layer, special)
+    path = os.path.join(cache, f"smollm2_L{layer}_{tokens}.pt")
     if os.path.exists(path):
         return model, held_out, torch.load(path)
     contexts = token_contexts(S.documents(corpus, skip), model.tokenizer, 128, 32)
     chunks, n = [], 0
-    for chunk in activation_chunks(model, contexts, 2, special):
+    for chunk in activation_chunks(model, contexts, layer, special):
         chunks.append(chunk)
         n += len(chunk)
         if n >= tokens:
@@ -185,14 +186,14 @@ def final_density(sae: SAE, acts: torch.Tensor) -> dict:
 
 
 def sweep(args):
-    model, held_out, acts = real_data(args.tokens, args.cache)
+    model, held_out, acts = real_data(args.tokens, args.cache, args.layer)
     for lr in args.lr:
         for l1, k in [(0.0, int(k)) for k in args.k] if args.k else [(l1, None) for l1 in args.l1]:
             start = time.time()
             extra = {**(json.loads(args.extra) if args.extra else {}), **({"k": k} if k else {})}
             sae = TRAINERS[args.trainer](acts, args.width, args.batch, lr, l1, args.warmup, **extra)
-            m = {**evaluate(sae, model, held_out, 2), **final_density(sae, acts)}
-            row = {"task": "smollm2_L2", "trainer": args.trainer, "tag": args.tag, "lr": lr, "l1": l1,
+            m = {**evaluate(sae, model, held_out, args.layer), **final_density(sae, acts)}
+            row = {"task": f"smollm2_L{args.layer}", "trainer": args.trainer, "tag": args.tag, "lr": lr, "l1": l1,
                    "extra": extra, "tokens": args.tokens, "width": args.width, "batch": args.batch,
                    "seconds": round(time.time() - start, 1), **{k: m[k] for k in (
                        "explained_variance", "l0", "ce_recovered", "ce_increase", "kl_score", "l2_ratio",
@@ -238,13 +239,20 @@ def synthetic(args):
             f.write(json.dumps(row) + "\n")
 
 
+SAELENS_KIND = {"topk": "saelens_topk", "batchtopk": "saelens_batchtopk"}     # our method -> its SAELens trainer
+
+
 def frontier(rows):
     """The points of one (trainer, tag, lr) sorted by L0."""
     return sorted(rows, key=lambda r: r["l0"])
 
 
 def interpolate(points, l0: float, metric: str) -> float | None:
-    """metric at this L0, linear in log L0 between the two nearest points (None outside their range)."""
+    """metric at this L0, linear in log L0 between the two nearest points (None outside their range;
+    a point within 1 % of this L0 is taken as it is, as TopK's k 12 against another's 11.98)."""
+    for p in points:
+        if abs(math.log(l0 / p["l0"])) < 0.01:
+            return p[metric]
     for a, b in zip(points, points[1:]):
         if a["l0"] <= l0 <= b["l0"]:
             t = math.log(l0 / a["l0"]) / math.log(b["l0"] / a["l0"])
@@ -254,7 +262,7 @@ def interpolate(points, l0: float, metric: str) -> float | None:
 
 def report(args):
     rows = [json.loads(line) for line in open(args.results)]
-    real = [r for r in rows if r["task"] == "smollm2_L2" and (r["width"], r["tokens"]) == (args.width, args.tokens)]
+    real = [r for r in rows if r["task"] == f"smollm2_L{args.layer}" and (r["width"], r["tokens"]) == (args.width, args.tokens)]
     groups = {}
     for r in real:
         groups.setdefault((r["trainer"], r["tag"] or "", r["lr"]), []).append(r)
@@ -274,6 +282,21 @@ def report(args):
                     print(f"  ours {ours[1] or 'plain'} lr {ours[2]:g} vs SAELens {theirs[1] or 'plain'} lr {theirs[2]:g}"
                           f" at L0 {p['l0']:6.1f}: EV {p['explained_variance']:.3f} vs {ev:.3f} ({p['explained_variance'] - ev:+.3f}),"
                           f" CE rec {p['ce_recovered']:.3f} vs {ce:.3f} ({p['ce_recovered'] - ce:+.3f})")
+    print("\nagainst SAELens at its best at each L0: the highest EV of its curves of the same kind there")
+    for ours in (k for k in sorted(groups) if k[0] == "ours" and (not args.only or args.only in k[1])):
+        for p in frontier(groups[ours]):
+            kind = SAELENS_KIND.get(p["extra"].get("method"), "saelens")
+            best = [(interpolate(frontier(groups[t]), p["l0"], "explained_variance"), t)
+                    for t in groups if t[0] == kind]
+            best = [b for b in best if b[0] is not None]
+            line = f"  ours {ours[1] or 'plain'} lr {ours[2]:g} at L0 {p['l0']:6.1f}: EV {p['explained_variance']:.3f}"
+            if not best:
+                print(f"{line}, no {kind} curve reaches this L0")
+                continue
+            ev, theirs = max(best)
+            ce = interpolate(frontier(groups[theirs]), p["l0"], "ce_recovered")
+            print(f"{line} vs {ev:.3f} ({p['explained_variance'] - ev:+.3f}; {theirs[1] or 'constant'} lr {theirs[2]:g}),"
+                  f" CE rec {p['ce_recovered']:.3f} vs {ce:.3f} ({p['ce_recovered'] - ce:+.3f})")
     for r in rows:
         if r["task"] == "synthetic":
             print(f"synthetic {r['trainer']:<8} {r['tag'] or '':<10} lr {r['lr']:.1e} l1 {r['l1']:.1e} "
@@ -318,6 +341,7 @@ def main():
     p.add_argument("--only", default="", help="report: compare only curves whose trainer or tag contains this")
     p.add_argument("--sl_lr", type=floats, default=[4e-3])
     p.add_argument("--sl_l1", type=floats, default=[2.0])
+    p.add_argument("--layer", type=int, default=2, help="the residual stream after this block")
     p.add_argument("--tokens", type=int, default=600_000)
     p.add_argument("--width", type=int, default=2304)
     p.add_argument("--batch", type=int, default=1024)
