@@ -1145,6 +1145,18 @@ def test_the_cpu_preset_gives_topk_methods_their_own_lr_and_a_typed_lr_wins(monk
         assert T.make_config({"layer": 2, "method": method})[0].lr == T.CPU_PRESET["lr"]
 
 
+def test_the_cpu_preset_gives_the_april_method_its_own_l1_and_a_typed_l1_wins(monkeypatch):
+    """The April method's L1 is weighted by its rows' norms, so the CPU preset gives it APR_L1 (the
+    February method keeps the preset's), the banner says so, and a typed --l1_coeff is kept."""
+    monkeypatch.setattr(T, "device", "cpu")
+    cfg, lines = T.make_config({"layer": 2, "method": "apr2024"})
+    assert cfg.l1_coeff == T.APR_L1 != T.CPU_PRESET["l1_coeff"]
+    assert f"--l1_coeff={T.APR_L1}" in lines[0]
+    assert T.make_config({"layer": 2, "method": "apr2024", "l1_coeff": 1e-4})[0].l1_coeff == 1e-4
+    assert T.make_config({"layer": 2, "method": "feb2024"})[0].l1_coeff == T.CPU_PRESET["l1_coeff"]
+    assert T.make_config({"layer": 2, "method": "apr2024", "preset": "post"})[0].l1_coeff == Config.l1_coeff
+
+
 def test_the_banner_sizes_the_preset_by_the_hardware_and_warns_of_emulated_bf16(monkeypatch):
     """The preset's banner line gives the time measured for this kind of CPU (native bf16 or fp32), and
     asking for bf16 where the hardware would emulate it (over 100x slower matmuls) gets a line saying so;
