@@ -7,6 +7,8 @@ Sparsity-fidelity frontier: our train() against SAELens's standard (ReLU + L1) S
     python benchmarks/frontier.py sweep --trainer=saelens_topk --lr=4e-3 --k=16,32,64
     python benchmarks/frontier.py synthetic
     python benchmarks/frontier.py report          # table + plot from the results file
+    python benchmarks/frontier.py sweep --layer=5 --width=4608 ...   # another layer and width (own cache)
+    python benchmarks/frontier.py report --layer=5 --width=4608 --png=frontier_L5.png
 
 Real task: SmolLM2-135M residual activations (layer 2 unless --layer) of Python stdlib text, computed once and
 cached, shuffled once; every trainer gets the same batches in the same order, b_dec starts at the
