@@ -61,8 +61,8 @@ CPU_PRESET = dict(
 TOPK_LR = 4e-3                  # the CPU preset's lr for topk and batchtopk: no L1 shrinks their codes, and
                                 # on the frontier 8e-3 was worse at k 12 and 32, level at 96 (benchmarks/README.md)
 APR_L1 = 2.3e-5                 # the CPU preset's L1 for apr2024: its penalty is weighted by the rows' norms, and
-                                # this gives the February preset's L0 (21 / 27 / 43 on layers 2 / 3 / 5, where 1e-4
-                                # gave 3-14); it still loses 36-47 % of its features at this size (benchmarks/README.md)
+                                # this gives about the February preset's L0 (21 / 27 / 43 on layers 2 / 3 / 5; 5.5e-5
+                                # gave 8-14); it still loses 36-47 % of its features at this size (benchmarks/README.md)
 POST_STEPS = 300_000_000 // 4096          # 73,242: the post's run, which warmup and dead window are sized for
 SCALED = ("warmup_steps", "dead_window")  # follow the run's length unless you set them
 MAX_EVALS = 4                             # a run shorter than the post's evaluates (and checkpoints) 4 times
