@@ -1141,20 +1141,22 @@ def test_the_cpu_preset_gives_topk_methods_their_own_lr_and_a_typed_lr_wins(monk
         assert f"--lr={T.TOPK_LR}" in lines[0]
         assert T.make_config({"layer": 2, "method": method, "lr": 1e-3})[0].lr == 1e-3
         assert T.make_config({"layer": 2, "method": method, "preset": "post"})[0].lr == 4e-4
-    for method in ("feb2024", "apr2024"):
-        assert T.make_config({"layer": 2, "method": method})[0].lr == T.CPU_PRESET["lr"]
+    assert T.make_config({"layer": 2, "method": "feb2024"})[0].lr == T.CPU_PRESET["lr"]
 
 
-def test_the_cpu_preset_gives_the_april_method_its_own_l1_and_a_typed_l1_wins(monkeypatch):
-    """The April method's L1 is weighted by its rows' norms, so the CPU preset gives it APR_L1 (the
-    February method keeps the preset's), the banner says so, and a typed --l1_coeff is kept."""
+def test_the_cpu_preset_gives_the_april_method_its_own_lr_and_l1_and_typed_values_win(monkeypatch):
+    """The April method's L1 is weighted by its rows' norms and it lost features at the preset's lr, so
+    the CPU preset gives it APR_LR and APR_L1 (the February method keeps the preset's), the banner says
+    so, typed --lr and --l1_coeff are kept, and the post's preset is untouched."""
     monkeypatch.setattr(T, "device", "cpu")
     cfg, lines = T.make_config({"layer": 2, "method": "apr2024"})
-    assert cfg.l1_coeff == T.APR_L1 != T.CPU_PRESET["l1_coeff"]
-    assert f"--l1_coeff={T.APR_L1}" in lines[0]
-    assert T.make_config({"layer": 2, "method": "apr2024", "l1_coeff": 1e-4})[0].l1_coeff == 1e-4
+    assert (cfg.lr, cfg.l1_coeff) == (T.APR_LR, T.APR_L1) != (T.CPU_PRESET["lr"], T.CPU_PRESET["l1_coeff"])
+    assert f"--l1_coeff={T.APR_L1}" in lines[0] and f"--lr={T.APR_LR}" in lines[0]
+    typed = T.make_config({"layer": 2, "method": "apr2024", "l1_coeff": 1e-4, "lr": 1e-3})[0]
+    assert (typed.lr, typed.l1_coeff) == (1e-3, 1e-4)
     assert T.make_config({"layer": 2, "method": "feb2024"})[0].l1_coeff == T.CPU_PRESET["l1_coeff"]
-    assert T.make_config({"layer": 2, "method": "apr2024", "preset": "post"})[0].l1_coeff == Config.l1_coeff
+    post = T.make_config({"layer": 2, "method": "apr2024", "preset": "post"})[0]
+    assert (post.lr, post.l1_coeff) == (Config.lr, Config.l1_coeff)
 
 
 def test_the_banner_sizes_the_preset_by_the_hardware_and_warns_of_emulated_bf16(monkeypatch):

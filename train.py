@@ -60,9 +60,9 @@ CPU_PRESET = dict(
 )
 TOPK_LR = 4e-3                  # the CPU preset's lr for topk and batchtopk: no L1 shrinks their codes, and
                                 # on the frontier 8e-3 was worse at k 12 and 32, level at 96 (benchmarks/README.md)
-APR_L1 = 2.3e-5                 # the CPU preset's L1 for apr2024: its penalty is weighted by the rows' norms, and
-                                # this gives about the February preset's L0 (21 / 27 / 43 on layers 2 / 3 / 5; 5.5e-5
-                                # gave 8-14); it still loses 36-47 % of its features at this size (benchmarks/README.md)
+APR_LR, APR_L1 = 4e-3, 2.3e-5   # the CPU preset's lr and L1 for apr2024 (its penalty is weighted by the rows' norms):
+                                # at 8e-3 it lost 36-47 % of its features on layers 2 / 3 / 5, at 4e-3 none in the last
+                                # 1.5M training tokens (benchmarks/README.md, the ablation)
 POST_STEPS = 300_000_000 // 4096          # 73,242: the post's run, which warmup and dead window are sized for
 SCALED = ("warmup_steps", "dead_window")  # follow the run's length unless you set them
 MAX_EVALS = 4                             # a run shorter than the post's evaluates (and checkpoints) 4 times
@@ -177,7 +177,7 @@ def make_config(flags: dict) -> tuple[Config, list[str]]:
         if flags.get("method") in TOPK_METHODS:
             cfg.lr = TOPK_LR
         if flags.get("method") == "apr2024":
-            cfg.l1_coeff = APR_L1
+            cfg.lr, cfg.l1_coeff = APR_LR, APR_L1
         unset = [n for n in CPU_PRESET if n not in flags]
         size = ("4-8 minutes on 2 cores (7-11 for GPT-2)" if native_bf16() else
                 "~15 minutes on 2 cores (this CPU has no native bf16, so the run is fp32)")
