@@ -46,8 +46,9 @@ SETTINGS = {                               # name -> the flags that change one t
     "ghost grads, the post's window, lr 4e-3": ["--ghost_grads=True", "--lr=4e-3"],
     "ghost grads, 1M-token window, lr 4e-3": ["--ghost_grads=True", LONG_WINDOW, "--lr=4e-3"],
     "no ghost grads, lr 4e-3": ["--lr=4e-3"],
-    "the April method, L1 5.5e-5": ["--method=apr2024", "--l1_coeff=5.5e-5"],   # frontier.py's L1 for L0 ~28: L0 8-14 here
-    "the April method, L1 2.3e-5": ["--method=apr2024", "--l1_coeff=2.3e-5"],   # scaled from that run for L0 ~28
+    # the April method: lr typed, since the CPU preset gives --method=apr2024 its own (APR_LR in train.py)
+    "the April method, L1 5.5e-5": ["--method=apr2024", "--l1_coeff=5.5e-5", "--lr=8e-3"],   # frontier.py's L1 for L0 ~28: L0 8-14 here
+    "the April method, L1 2.3e-5": ["--method=apr2024", "--l1_coeff=2.3e-5", "--lr=8e-3"],   # scaled from that run for L0 ~28
     "the April method, lr 4e-3": ["--method=apr2024", "--l1_coeff=2.3e-5", "--lr=4e-3"],
     "no LR warmup": ["--warmup_steps=0"],
     "b_dec starts at the mean": ["--b_dec_init=mean"],
