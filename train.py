@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, fields, replace
 import torch
 from tqdm import tqdm
 
-from sae import (SAE, TOPK_METHODS, ActivationBuffer, Config, activation_chunks, atomic_write, config_dict,
+from sae import (SAE, ActivationBuffer, Config, activation_chunks, atomic_write, config_dict,
                  density_histogram, evaluate, geometric_median, log10_density, make_held_out,
                  special_token_ids, token_contexts, write_json)
 from sources import UserError, check_tokens_fit, documents, go_offline, hub_status, load_model, open_corpus
@@ -63,6 +63,8 @@ TOPK_LR = 4e-3                  # the CPU preset's lr for topk and batchtopk: no
 APR_LR, APR_L1 = 4e-3, 2.3e-5   # the CPU preset's lr and L1 for apr2024 (its penalty is weighted by the rows' norms):
                                 # at 8e-3 it lost 36-47 % of its features on layers 2 / 3 / 5, at 4e-3 none in the last
                                 # 1.5M training tokens (benchmarks/README.md, the ablation)
+METHOD_PRESET = {"topk": {"lr": TOPK_LR}, "batchtopk": {"lr": TOPK_LR},       # the CPU preset's values that
+                 "apr2024": {"lr": APR_LR, "l1_coeff": APR_L1}}               # differ by --method
 POST_STEPS = 300_000_000 // 4096          # 73,242: the post's run, which warmup and dead window are sized for
 SCALED = ("warmup_steps", "dead_window")  # follow the run's length unless you set them
 MAX_EVALS = 4                             # a run shorter than the post's evaluates (and checkpoints) 4 times
@@ -174,10 +176,8 @@ def make_config(flags: dict) -> tuple[Config, list[str]]:
     if preset == "cpu":
         for name, value in CPU_PRESET.items():
             setattr(cfg, name, value)
-        if flags.get("method") in TOPK_METHODS:
-            cfg.lr = TOPK_LR
-        if flags.get("method") == "apr2024":
-            cfg.lr, cfg.l1_coeff = APR_LR, APR_L1
+        for name, value in METHOD_PRESET.get(flags.get("method"), {}).items():
+            setattr(cfg, name, value)
         unset = [n for n in CPU_PRESET if n not in flags]
         size = ("4-8 minutes on 2 cores (7-11 for GPT-2)" if native_bf16() else
                 "~15 minutes on 2 cores (this CPU has no native bf16, so the run is fp32)")

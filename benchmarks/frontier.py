@@ -275,7 +275,8 @@ def report(args):
                   f"{r['explained_variance']:>6.3f} {r['ce_recovered']:>7.3f} {r['ce_increase']:>7.3f} "
                   f"{r['kl_score']:>6.3f}")
     print("\nmatched L0 (log-L0 interpolation): each curve of ours against each SAELens curve")
-    for ours in (k for k in sorted(groups) if k[0] == "ours" and (not args.only or args.only in k[1])):
+    ours_curves = [k for k in sorted(groups) if k[0] == "ours" and (not args.only or args.only in k[1])]
+    for ours in ours_curves:
         for theirs in (k for k in sorted(groups) if k[0] != "ours" and (not args.only or args.only in k[0] + k[1])):
             for p in frontier(groups[ours]):
                 ev = interpolate(frontier(groups[theirs]), p["l0"], "explained_variance")
@@ -285,7 +286,7 @@ def report(args):
                           f" at L0 {p['l0']:6.1f}: EV {p['explained_variance']:.3f} vs {ev:.3f} ({p['explained_variance'] - ev:+.3f}),"
                           f" CE rec {p['ce_recovered']:.3f} vs {ce:.3f} ({p['ce_recovered'] - ce:+.3f})")
     print("\nagainst SAELens at its best at each L0: the highest EV of its curves of the same kind there")
-    for ours in (k for k in sorted(groups) if k[0] == "ours" and (not args.only or args.only in k[1])):
+    for ours in ours_curves:
         for p in frontier(groups[ours]):
             kind = SAELENS_KIND.get(p["extra"].get("method"), "saelens")
             best = [(interpolate(frontier(groups[t]), p["l0"], "explained_variance"), t)
