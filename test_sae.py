@@ -1132,31 +1132,33 @@ def test_flags_override_the_cpu_preset_without_switching_recipe(monkeypatch):
 
 
 def test_the_cpu_preset_gives_topk_methods_their_own_lr_and_a_typed_lr_wins(monkeypatch):
-    """--method=topk|batchtopk in the CPU preset trains at TOPK_LR (the L1 recipes keep the preset's lr),
-    the banner says so, and an --lr the user typed is kept; the post's preset is untouched."""
+    """--method=topk|batchtopk in the CPU preset trains at TOPK_LR, the banner says so, and an --lr the
+    user typed is kept; the post's preset is untouched."""
     monkeypatch.setattr(T, "device", "cpu")
     for method in ("topk", "batchtopk"):
         cfg, lines = T.make_config({"layer": 2, "method": method})
-        assert cfg.lr == T.TOPK_LR != T.CPU_PRESET["lr"]
+        assert cfg.lr == T.TOPK_LR and cfg.method == method
         assert f"--lr={T.TOPK_LR}" in lines[0]
         assert T.make_config({"layer": 2, "method": method, "lr": 1e-3})[0].lr == 1e-3
         assert T.make_config({"layer": 2, "method": method, "preset": "post"})[0].lr == 4e-4
-    assert T.make_config({"layer": 2, "method": "feb2024"})[0].lr == T.CPU_PRESET["lr"]
 
 
-def test_the_cpu_preset_gives_the_april_method_its_own_lr_and_l1_and_typed_values_win(monkeypatch):
-    """The April method's L1 is weighted by its rows' norms and it lost features at the preset's lr, so
-    the CPU preset gives it APR_LR and APR_L1 (the February method keeps the preset's), the banner says
-    so, typed --lr and --l1_coeff are kept, and the post's preset is untouched."""
+def test_the_cpu_preset_trains_the_april_method_and_gives_the_february_one_its_own_lr_and_l1(monkeypatch):
+    """Untyped, the CPU preset trains --method=apr2024 at its lr and L1 and the banner names all three;
+    --method=feb2024 (a plain L1 on unit-norm rows) gets FEB_LR and FEB_L1 instead; typed --lr and
+    --l1_coeff are kept either way; the post's preset keeps the post's method and values."""
     monkeypatch.setattr(T, "device", "cpu")
-    cfg, lines = T.make_config({"layer": 2, "method": "apr2024"})
-    assert (cfg.lr, cfg.l1_coeff) == (T.APR_LR, T.APR_L1) != (T.CPU_PRESET["lr"], T.CPU_PRESET["l1_coeff"])
-    assert f"--l1_coeff={T.APR_L1}" in lines[0] and f"--lr={T.APR_LR}" in lines[0]
-    typed = T.make_config({"layer": 2, "method": "apr2024", "l1_coeff": 1e-4, "lr": 1e-3})[0]
-    assert (typed.lr, typed.l1_coeff) == (1e-3, 1e-4)
-    assert T.make_config({"layer": 2, "method": "feb2024"})[0].l1_coeff == T.CPU_PRESET["l1_coeff"]
-    post = T.make_config({"layer": 2, "method": "apr2024", "preset": "post"})[0]
-    assert (post.lr, post.l1_coeff) == (Config.lr, Config.l1_coeff)
+    cfg, lines = T.make_config({"layer": 2})
+    assert (cfg.method, cfg.lr, cfg.l1_coeff) == ("apr2024", T.CPU_PRESET["lr"], T.CPU_PRESET["l1_coeff"])
+    assert all(f"--{n}={T.CPU_PRESET[n]}" in lines[0] for n in ("method", "lr", "l1_coeff"))
+    feb, lines = T.make_config({"layer": 2, "method": "feb2024"})
+    assert (feb.lr, feb.l1_coeff) == (T.FEB_LR, T.FEB_L1) != (cfg.lr, cfg.l1_coeff)
+    assert f"--l1_coeff={T.FEB_L1}" in lines[0] and f"--lr={T.FEB_LR}" in lines[0]
+    for method in ("apr2024", "feb2024"):
+        typed = T.make_config({"layer": 2, "method": method, "l1_coeff": 2e-4, "lr": 1e-3})[0]
+        assert (typed.lr, typed.l1_coeff) == (1e-3, 2e-4)
+    post = T.make_config({"layer": 2, "preset": "post"})[0]
+    assert (post.method, post.lr, post.l1_coeff) == (Config.method, Config.lr, Config.l1_coeff) == ("feb2024", 4e-4, 8e-5)
 
 
 def test_the_banner_sizes_the_preset_by_the_hardware_and_warns_of_emulated_bf16(monkeypatch):

@@ -1,10 +1,12 @@
 """
-The post's tricks one at a time, at the CPU preset: one `python train.py 2,3,5` call per setting.
+The post's tricks one at a time, at the CPU preset's size with the post's method (BASE below),
+and the preset itself: one `python train.py 2,3,5` call per setting.
 
     python benchmarks/ablation.py run preset [--seed=1]   # train one setting, then measure it
     python benchmarks/ablation.py measure runs/ablation/<run> --setting=NAME   # measure a finished run
     python benchmarks/ablation.py table                   # every measured run, one row per layer
-    python benchmarks/ablation.py compare                 # each setting's change from the preset
+    python benchmarks/ablation.py compare                 # each setting's change from BASE
+    python benchmarks/ablation.py seeds preset            # one setting over its seeds, and its change from BASE
 
 `run` calls train.py itself (the same code path as `python train.py 2`, only the setting's
 flags added), then measures each layer's SAE on data no training step saw:
@@ -38,22 +40,25 @@ from sae import SAE, evaluate, make_held_out, special_token_ids, token_contexts 
 
 LAYERS = "2,3,5"
 LONG_WINDOW = "--dead_window=977"          # 1M tokens: long enough to tell rare features from dead ones
-SETTINGS = {                               # name -> the flags that change one thing from the preset
-    "preset": [],
-    "ghost grads, the post's window": ["--ghost_grads=True"],
-    "ghost grads, 1M-token window": ["--ghost_grads=True", LONG_WINDOW],
-    "ghost grads as released, exp(relu(h))": ["--ghost_grads=True", "--ghost_exp=relu_h"],   # the post's window
-    "ghost grads, the post's window, lr 4e-3": ["--ghost_grads=True", "--lr=4e-3"],
-    "ghost grads, 1M-token window, lr 4e-3": ["--ghost_grads=True", LONG_WINDOW, "--lr=4e-3"],
-    "no ghost grads, lr 4e-3": ["--lr=4e-3"],
-    # the April method: lr typed, since the CPU preset gives --method=apr2024 its own (APR_LR in train.py)
+BASE = "the February method"               # the post's method at the preset's size: its tricks are toggled on it
+FEB = "--method=feb2024"                   # typed: the CPU preset's own method is apr2024 (its lr and L1 differ)
+SETTINGS = {                               # name -> the flags; each trick setting changes one thing from BASE
+    "preset": [],                          # the CPU preset as it stands: the April method, lr 4e-3, L1 3.5e-5
+    BASE: [FEB],
+    "ghost grads, the post's window": [FEB, "--ghost_grads=True"],
+    "ghost grads, 1M-token window": [FEB, "--ghost_grads=True", LONG_WINDOW],
+    "ghost grads as released, exp(relu(h))": [FEB, "--ghost_grads=True", "--ghost_exp=relu_h"],   # the post's window
+    "ghost grads, the post's window, lr 4e-3": [FEB, "--ghost_grads=True", "--lr=4e-3"],
+    "ghost grads, 1M-token window, lr 4e-3": [FEB, "--ghost_grads=True", LONG_WINDOW, "--lr=4e-3"],
+    "no ghost grads, lr 4e-3": [FEB, "--lr=4e-3"],
+    "no LR warmup": [FEB, "--warmup_steps=0"],
+    "b_dec starts at the mean": [FEB, "--b_dec_init=mean"],
+    "b_dec starts at zero": [FEB, "--b_dec_init=zeros"],
+    "the release's MSE normaliser": [FEB, "--mse_norm=uncentred"],
+    # the April method: lr and L1 typed, so each row stays reproducible whatever the preset gives it
     "the April method, L1 5.5e-5": ["--method=apr2024", "--l1_coeff=5.5e-5", "--lr=8e-3"],   # frontier.py's L1 for L0 ~28: L0 8-14 here
     "the April method, L1 2.3e-5": ["--method=apr2024", "--l1_coeff=2.3e-5", "--lr=8e-3"],   # scaled from that run for L0 ~28
     "the April method, lr 4e-3": ["--method=apr2024", "--l1_coeff=2.3e-5", "--lr=4e-3"],
-    "no LR warmup": ["--warmup_steps=0"],
-    "b_dec starts at the mean": ["--b_dec_init=mean"],
-    "b_dec starts at zero": ["--b_dec_init=zeros"],
-    "the release's MSE normaliser": ["--mse_norm=uncentred"],
 }
 RESULTS = os.path.join(HERE, "ablation_results.jsonl")
 OUT = os.path.join(HERE, "..", "runs", "ablation")
@@ -166,17 +171,17 @@ def table():
 
 
 def compare():
-    """One line per setting and seed: each layer's change from the preset with that seed (its latest
+    """One line per setting and seed: each layer's change from BASE with that seed (its latest
     row), the layer's L0 and its dead share."""
     rows = [json.loads(line) for line in open(RESULTS)]
-    base = {(r["seed"], r["layer"]): r for r in rows if r["setting"] == "preset"}
-    runs = dict.fromkeys((r["setting"], r["seed"]) for r in rows if r["setting"] != "preset")
+    base = {(r["seed"], r["layer"]): r for r in rows if r["setting"] == BASE}
+    runs = dict.fromkeys((r["setting"], r["seed"]) for r in rows if r["setting"] != BASE)
     print("| setting | seed | EV change, layers in order | CE rec. change | L0 | dead (final weights) |")
     print("|---|---|---|---|---|---|")
     for name, seed in runs:
         mine = sorted((r for r in rows if (r["setting"], r["seed"]) == (name, seed)), key=lambda r: r["layer"])
         if any((seed, r["layer"]) not in base for r in mine):
-            print(f"| {name} | {seed} | no preset row for this seed and layer: run `ablation.py run preset --seed={seed}` |")
+            print(f"| {name} | {seed} | no row of {BASE} for this seed and layer: run `ablation.py run '{BASE}' --seed={seed}` |")
             continue
         diff = lambda k: " / ".join(f"{r[k] - base[seed, r['layer']][k]:+.4f}" for r in mine)
         each = lambda k, spec: " / ".join(format(r[k], spec) for r in mine)
@@ -184,10 +189,31 @@ def compare():
               f"{each('final_dead', '.1%')} |")
 
 
+def seeds(setting: str):
+    """One line per layer: the setting's metrics as mean ± standard deviation between its seeds (each
+    seed's latest row), and its change from BASE paired by seed, the same statistic."""
+    rows = [json.loads(line) for line in open(RESULTS)]
+    latest = lambda name: {(r["seed"], r["layer"]): r for r in rows if r["setting"] == name}
+    mine, base = latest(setting), latest(BASE)
+    sd = lambda v: torch.tensor(v, dtype=torch.float64).std().item() if len(v) > 1 else float("nan")
+    stat = lambda v, spec: f"{sum(v) / len(v):{spec}} ± {sd(v):{spec.lstrip('+')}}"
+    print(f"{setting}: seeds {sorted({s for s, _ in mine})}; change from {BASE} over the seeds both have")
+    print("| layer | EV | L0 | CE recovered | dead | dense | EV change | CE rec. change | L0 change |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for layer in sorted({l for _, l in mine}):
+        rs = [r for (s, l), r in sorted(mine.items()) if l == layer]
+        pairs = [(r, base[s, l]) for (s, l), r in sorted(mine.items()) if l == layer and (s, l) in base]
+        col = lambda k, spec: stat([r[k] for r in rs], spec)
+        diff = lambda k, spec: stat([a[k] - b[k] for a, b in pairs], spec) if pairs else "no base row"
+        print(f"| {layer} | {col('explained_variance', '.4f')} | {col('l0', '.1f')} | {col('ce_recovered', '.4f')} | "
+              f"{col('final_dead', '.1%')} | {col('final_dense', '.1%')} | {diff('explained_variance', '+.4f')} | "
+              f"{diff('ce_recovered', '+.4f')} | {diff('l0', '+.1f')} |".replace("%", " %"))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["run", "measure", "table", "compare"])
-    p.add_argument("target", nargs="?", help=f"run: a setting ({', '.join(SETTINGS)}); measure: a run folder")
+    p.add_argument("what", choices=["run", "measure", "table", "compare", "seeds"])
+    p.add_argument("target", nargs="?", help=f"run, seeds: a setting ({', '.join(SETTINGS)}); measure: a run folder")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--setting", default="", help="measure: the setting's name for its rows")
     args = p.parse_args()
@@ -199,6 +225,8 @@ def main():
         measure(args.target, args.setting)
     elif args.what == "compare":
         compare()
+    elif args.what == "seeds":
+        seeds(args.target or "preset")
     else:
         table()
 
