@@ -48,7 +48,8 @@ CPU_PRESET = dict(
     expansion=16,               # d_sae = 9,216 for SmolLM2 (d_in 576), 12,288 for GPT-2 (768)
     batch_size=1024,            # more, smaller steps: ~2,400 instead of ~600
     method="apr2024",           # free decoder rows, the L1 weighted by their norms: at this size it beat the post's
-                                # unit-norm rows by 0.010-0.019 EV at equal L0 on layers 2 / 3 / 5 (benchmarks/README.md)
+                                # unit-norm rows by 0.011-0.015 EV at a lower L0 on layers 2 / 3 / 5, three seeds (the
+                                # ablation in benchmarks/README.md), though 1-2 % of its features die
     lr=4e-3,                    # a short run gains from a larger step than the post's 4e-4 ...
     lr_decay=0.2,               # ... and from letting it fall to 0 over the last 20 % (benchmarks/README.md)
     l1_coeff=3.5e-5,            # L0 ~20-40 at this width and budget, with ...
