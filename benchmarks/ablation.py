@@ -152,10 +152,19 @@ def run(setting: str, seed: int):
     measure(run_dir, setting)
 
 
+def results() -> list[dict]:
+    return [json.loads(line) for line in open(RESULTS)]
+
+
+def latest(rows: list[dict], setting: str) -> dict:
+    """(seed, layer) -> the setting's latest row for it (a rerun replaces an earlier measurement)."""
+    return {(r["seed"], r["layer"]): r for r in rows if r["setting"] == setting}
+
+
 def table():
     """Every measured run, one row per layer, as benchmarks/README.md shows them: a run's setting,
     flags and seed on its first row only."""
-    rows = [json.loads(line) for line in open(RESULTS)]
+    rows = results()
     print("| setting | flags | seed | layer | EV | L0 | CE recovered | dead | dense | mode |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     previous = None
@@ -173,8 +182,8 @@ def table():
 def compare():
     """One line per setting and seed: each layer's change from BASE with that seed (its latest
     row), the layer's L0 and its dead share."""
-    rows = [json.loads(line) for line in open(RESULTS)]
-    base = {(r["seed"], r["layer"]): r for r in rows if r["setting"] == BASE}
+    rows = results()
+    base = latest(rows, BASE)
     runs = dict.fromkeys((r["setting"], r["seed"]) for r in rows if r["setting"] != BASE)
     print("| setting | seed | EV change, layers in order | CE rec. change | L0 | dead (final weights) |")
     print("|---|---|---|---|---|---|")
@@ -192,9 +201,8 @@ def compare():
 def seeds(setting: str):
     """One line per layer: the setting's metrics as mean ± standard deviation between its seeds (each
     seed's latest row), and its change from BASE paired by seed, the same statistic."""
-    rows = [json.loads(line) for line in open(RESULTS)]
-    latest = lambda name: {(r["seed"], r["layer"]): r for r in rows if r["setting"] == name}
-    mine, base = latest(setting), latest(BASE)
+    rows = results()
+    mine, base = latest(rows, setting), latest(rows, BASE)
     sd = lambda v: torch.tensor(v, dtype=torch.float64).std().item() if len(v) > 1 else float("nan")
     stat = lambda v, spec: f"{sum(v) / len(v):{spec}} ± {sd(v):{spec.lstrip('+')}}"
     print(f"{setting}: seeds {sorted({s for s, _ in mine})}; change from {BASE} over the seeds both have")
